@@ -1,0 +1,28 @@
+"""One logger for the package, writing to the console and to ``log.txt`` in the output directory."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+_FORMAT = "[%(asctime)s %(name)s %(levelname)s] %(message)s"
+
+
+def setup_logger(output_dir: str | Path | None = None, name: str = "fnl", filename: str = "log.txt") -> logging.Logger:
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+               for h in logger.handlers):
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(logging.Formatter(_FORMAT, "%H:%M:%S"))
+        logger.addHandler(console)
+    if output_dir is not None:
+        log_path = (Path(output_dir) / filename).resolve()
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == log_path for h in logger.handlers):
+            file_handler = logging.FileHandler(log_path)
+            file_handler.setFormatter(logging.Formatter(_FORMAT))
+            logger.addHandler(file_handler)
+    return logger
