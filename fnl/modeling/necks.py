@@ -1,0 +1,139 @@
+"""Necks: FPN (Mobile Parsing R-CNN A) and BiFPN (model B). Each owns its ``bottom_up`` as detectron2's FPN does,
+and returns P2..P6 as a dict."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fnl.config import CfgNode
+from fnl.modeling.backbone import build_bottom_up, feature_names
+from fnl.modeling.layers import ConvNormAct, SeparableConvNormAct, resize_nearest
+
+
+def _level(name: str) -> int:
+    return int(name[1:])
+
+
+class FPN(nn.Module):
+    """detectron2's FPN: 1x1 laterals, nearest top-down sum, 3x3 outputs, P6 by stride-2 max-pool of P5."""
+
+    def __init__(self, bottom_up: nn.Module, out_channels: int, norm: str = "") -> None:
+        super().__init__()
+        self.bottom_up = bottom_up
+        self.in_features = feature_names(bottom_up)
+        in_channels = bottom_up.feature_info.channels()
+        for name, channels in zip(self.in_features, in_channels, strict=True):
+            level = _level(name)
+            # Plain convs without norm keep detectron2's key names (fpn_lateral2.weight).
+            lateral = ConvNormAct(channels, out_channels, 1, norm=norm, activation=False)
+            output = ConvNormAct(out_channels, out_channels, 3, norm=norm, activation=False)
+            self.add_module(f"fpn_lateral{level}", lateral if norm else lateral[0])
+            self.add_module(f"fpn_output{level}", output if norm else output[0])
+        last = _level(self.in_features[-1])
+        self.out_features = [f"p{_level(n)}" for n in self.in_features] + [f"p{last + 1}"]
+        self.out_channels = out_channels
+        self.size_divisibility = 2 ** (last + 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.bottom_up(x)
+        outputs: list[torch.Tensor] = []
+        top_down: torch.Tensor | None = None
+        for name, feature in zip(reversed(self.in_features), reversed(features), strict=True):
+            level = _level(name)
+            lateral = getattr(self, f"fpn_lateral{level}")(feature)
+            top_down = lateral if top_down is None else lateral + resize_nearest(top_down, lateral)
+            outputs.insert(0, getattr(self, f"fpn_output{level}")(top_down))
+        outputs.append(F.max_pool2d(outputs[-1], kernel_size=1, stride=2))
+        return dict(zip(self.out_features, outputs, strict=True))
+
+
+class WeightedFusion(nn.Module):
+    """EfficientDet's fast normalized fusion: sum_i relu(w_i) x_i / (sum_i relu(w_i) + eps)."""
+
+    def __init__(self, num_inputs: int, eps: float = 1e-4) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_inputs))
+        self.eps = eps
+
+    def normalized_weights(self) -> torch.Tensor:
+        w = F.relu(self.weight)
+        return w / (w.sum() + self.eps)
+
+    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        w = self.normalized_weights()
+        out = inputs[0] * w[0]
+        for i in range(1, len(inputs)):
+            out = out + inputs[i] * w[i]
+        return out
+
+
+class BiFPNLayer(nn.Module):
+    """One bidirectional layer over levels L_0 (finest) .. L_n (coarsest): top-down, then bottom-up."""
+
+    def __init__(self, num_levels: int, channels: int, eps: float) -> None:
+        super().__init__()
+        self.num_levels = num_levels
+        # top-down nodes for levels n-1 .. 0, bottom-up nodes for levels 1 .. n
+        self.td_fusions = nn.ModuleList(WeightedFusion(2, eps) for _ in range(num_levels - 1))
+        self.td_convs = nn.ModuleList(SeparableConvNormAct(channels) for _ in range(num_levels - 1))
+        self.bu_fusions = nn.ModuleList(
+            WeightedFusion(3 if i < num_levels - 1 else 2, eps) for i in range(1, num_levels)
+        )
+        self.bu_convs = nn.ModuleList(SeparableConvNormAct(channels) for _ in range(num_levels - 1))
+
+    def forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        n = self.num_levels
+        top_down = [inputs[-1]]
+        for k, level in enumerate(range(n - 2, -1, -1)):
+            fused = self.td_fusions[k]([inputs[level], resize_nearest(top_down[0], inputs[level])])
+            top_down.insert(0, self.td_convs[k](fused))
+        outputs = [top_down[0]]
+        for k, level in enumerate(range(1, n)):
+            parts = [inputs[level], resize_nearest(outputs[-1], inputs[level])]
+            if level < n - 1:
+                parts.insert(1, top_down[level])
+            outputs.append(self.bu_convs[k](self.bu_fusions[k](parts)))
+        return outputs
+
+
+class BiFPN(nn.Module):
+    """BiFPN as Mobile Parsing R-CNN B uses it: 1x1 conv+BN laterals on C2..C5, P6 by stride-2 max-pool,
+    ``num_repeats`` bidirectional layers, nearest up/down-sampling."""
+
+    def __init__(self, bottom_up: nn.Module, out_channels: int, num_repeats: int = 3, eps: float = 1e-4,
+                 norm: str = "BN") -> None:
+        super().__init__()
+        self.bottom_up = bottom_up
+        self.in_features = feature_names(bottom_up)
+        in_channels = bottom_up.feature_info.channels()
+        norm = norm or "BN"
+        self.laterals = nn.ModuleList(
+            ConvNormAct(c, out_channels, 1, norm=norm, activation=False) for c in in_channels
+        )
+        num_levels = len(in_channels) + 1
+        self.layers = nn.ModuleList(BiFPNLayer(num_levels, out_channels, eps) for _ in range(num_repeats))
+        last = _level(self.in_features[-1])
+        self.out_features = [f"p{_level(n)}" for n in self.in_features] + [f"p{last + 1}"]
+        self.out_channels = out_channels
+        self.size_divisibility = 2 ** (last + 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.bottom_up(x)
+        levels = [lateral(f) for lateral, f in zip(self.laterals, features, strict=True)]
+        levels.append(F.max_pool2d(levels[-1], kernel_size=1, stride=2))
+        for layer in self.layers:
+            levels = layer(levels)
+        return dict(zip(self.out_features, levels, strict=True))
+
+
+def build_backbone(cfg: CfgNode) -> nn.Module:
+    """bottom_up + neck as one module, named ``backbone`` in the meta-architecture."""
+    neck = cfg.MODEL.NECK
+    bottom_up = build_bottom_up(cfg)
+    if neck.NAME == "FPN":
+        return FPN(bottom_up, neck.OUT_CHANNELS, neck.NORM)
+    if neck.NAME == "BiFPN":
+        return BiFPN(bottom_up, neck.OUT_CHANNELS, neck.NUM_REPEATS, neck.FUSE_EPS, neck.NORM)
+    raise ValueError(f"MODEL.NECK.NAME must be 'FPN' or 'BiFPN', got '{neck.NAME}'")
