@@ -21,7 +21,9 @@ def create_bottom_up(name: str, out_indices: list[int], feature_location: str = 
     forward pre-hooks on ``conv_pwl``; those hooks are what quantization must keep alive (see ``fnl.hooks``).
     """
     if feature_location not in ("bottleneck", "expansion"):
-        raise ValueError(f"MODEL.BACKBONE.FEATURE_LOCATION must be 'bottleneck' or 'expansion', got '{feature_location}'")
+        raise ValueError(
+            f"MODEL.BACKBONE.FEATURE_LOCATION must be 'bottleneck' or 'expansion', got '{feature_location}'"
+        )
     kwargs = {"feature_location": feature_location} if feature_location != "bottleneck" else {}
     if name not in timm.list_models():
         raise ValueError(f"MODEL.BACKBONE.NAME '{name}' is not a timm model")
