@@ -216,9 +216,8 @@ class DensePoseROIHeads(nn.Module):
         for image_boxes, image_matched, image_ious, target in zip(boxes, matched, ious, targets, strict=True):
             annotations = target.get("densepose") or [None] * len(target["boxes"])
             foreground = (image_matched >= 0) & (image_ious >= self.densepose_fg_iou)
-            candidates = [
-                k for k in torch.nonzero(foreground).flatten().tolist() if annotations[int(image_matched[k])] is not None
-            ]
+            candidates = [k for k in torch.nonzero(foreground).flatten().tolist()
+                          if annotations[int(image_matched[k])] is not None]
             if len(candidates) > self.densepose_batch_size:
                 order = torch.randperm(len(candidates))[: self.densepose_batch_size].tolist()
                 candidates = [candidates[k] for k in order]
