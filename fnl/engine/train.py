@@ -1,0 +1,180 @@
+"""The training loop: SGD with linear warm-up and multi-step decay (the paper's schedule), periodic checkpoints,
+``--resume``, evaluation at the end, tqdm progress and a log file; DDP when started with torchrun."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from fnl.config import CfgNode
+from fnl.engine.checkpoint import load_state, read_checkpoint, save_checkpoint
+from fnl.utils.io import write_json_atomic, write_text_atomic
+from fnl.utils.logging import setup_logger
+
+logger = logging.getLogger("fnl")
+LAST_CHECKPOINT = "last_checkpoint"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or infinite; the message names the iteration and each loss term."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD; norm layers get WEIGHT_DECAY_NORM, as detectron2 does."""
+    norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+    decay, no_decay = [], []
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            (no_decay if isinstance(module, norm_types) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.SOLVER.WEIGHT_DECAY},
+              {"params": no_decay, "weight_decay": cfg.SOLVER.WEIGHT_DECAY_NORM}]
+    return torch.optim.SGD(groups, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM)
+
+
+def lr_factor(cfg: CfgNode, iteration: int) -> float:
+    """Linear warm-up from WARMUP_FACTOR, then x GAMMA at each of STEPS."""
+    solver = cfg.SOLVER
+    decay = solver.GAMMA ** sum(iteration >= s for s in solver.STEPS)
+    if iteration < solver.WARMUP_ITERS:
+        alpha = iteration / solver.WARMUP_ITERS
+        return decay * (solver.WARMUP_FACTOR * (1 - alpha) + alpha)
+    return decay
+
+
+def check_losses_finite(losses: dict[str, torch.Tensor], iteration: int) -> torch.Tensor:
+    total = sum(losses.values())
+    if not torch.isfinite(total):
+        terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+        raise NonFiniteLossError(
+            f"loss is not finite at iteration {iteration}: {terms}. Lower SOLVER.BASE_LR, raise SOLVER.WARMUP_ITERS "
+            "or set SOLVER.CLIP_GRADIENTS"
+        )
+    return total
+
+
+def is_distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup_distributed(cfg: CfgNode) -> tuple[int, int]:
+    """Initialise torch.distributed when started by torchrun (one process per device)."""
+    if not is_distributed():
+        return 0, 1
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if cfg.MODEL.DEVICE.startswith("cuda") else "gloo"
+        torch.distributed.init_process_group(backend)
+    if cfg.MODEL.DEVICE.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def resume_path(output_dir: Path) -> Path | None:
+    marker = output_dir / LAST_CHECKPOINT
+    if not marker.is_file():
+        return None
+    path = output_dir / marker.read_text().strip()
+    return path if path.is_file() else None
+
+
+def train(cfg: CfgNode, resume: bool = False, evaluate: bool = True) -> dict[str, Any]:
+    """Train ``build_model(cfg)`` on cfg.DATASETS.TRAIN; returns {"model", "final_checkpoint", "metrics"}."""
+    from fnl.data import build_train_loader
+    from fnl.engine.inference import evaluate_model
+    from fnl.modeling import build_model
+
+    rank, world_size = setup_distributed(cfg)
+    output_dir = Path(cfg.OUTPUT_DIR)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    setup_logger(output_dir if rank == 0 else None)
+    seed_everything(cfg.SEED + rank)
+    if rank == 0:
+        write_text_atomic(output_dir / "config.yaml", cfg.dump())
+
+    model = build_model(cfg)
+    optimizer = build_optimizer(cfg, model)
+    start_iter = 0
+    checkpoint = resume_path(output_dir) if resume else None
+    if checkpoint is not None:
+        data = read_checkpoint(checkpoint)
+        load_state(model, checkpoint, strict=True, data=data)
+        if "optimizer" in data:
+            optimizer.load_state_dict(data["optimizer"])
+        start_iter = int(data.get("iteration", -1)) + 1
+        logger.info("resuming from %s at iteration %d", checkpoint, start_iter)
+    elif cfg.MODEL.WEIGHTS:
+        load_state(model, cfg.MODEL.WEIGHTS)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
+    for _ in range(start_iter):  # the schedule is a pure function of the iteration
+        scheduler.step()
+
+    train_model: nn.Module = model
+    if world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    loader = iter(build_train_loader(cfg))
+    model.train()
+    history: list[dict[str, float]] = []
+    max_iter = cfg.SOLVER.MAX_ITER
+    progress = tqdm(range(start_iter, max_iter), desc="train", initial=start_iter, total=max_iter,
+                    disable=rank != 0)
+    for iteration in progress:
+        batch = next(loader)
+        losses = train_model(batch)
+        total = check_losses_finite(losses, iteration)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if cfg.SOLVER.CLIP_GRADIENTS > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.SOLVER.CLIP_GRADIENTS)
+        optimizer.step()
+        scheduler.step()
+        record = {"iteration": iteration, "total_loss": total.item(), "lr": optimizer.param_groups[0]["lr"],
+                  **{k: v.item() for k, v in losses.items()}}
+        history.append(record)
+        progress.set_postfix(loss=f"{record['total_loss']:.3f}", lr=f"{record['lr']:.4g}")
+        if rank == 0 and (iteration % 20 == 0 or iteration == max_iter - 1):
+            logger.info("iter %d: %s", iteration, ", ".join(f"{k}={v:.4g}" for k, v in record.items()
+                                                             if k != "iteration"))
+        is_last = iteration == max_iter - 1
+        if rank == 0 and not is_last and (iteration + 1) % cfg.SOLVER.CHECKPOINT_PERIOD == 0:
+            _save(output_dir, f"model_{iteration:07d}.pth", model, cfg, iteration, optimizer)
+    final = output_dir / "model_final.pth"
+    if rank == 0:
+        _save(output_dir, final.name, model, cfg, max_iter - 1, optimizer)
+        write_json_atomic(output_dir / "train_history.json", history)
+    metrics: dict[str, Any] = {}
+    if evaluate and rank == 0:
+        metrics = evaluate_model(model, cfg)
+        write_json_atomic(output_dir / "metrics.json", metrics)
+    return {"model": model, "final_checkpoint": final, "metrics": metrics, "history": history}
+
+
+def _save(output_dir: Path, name: str, model: nn.Module, cfg: CfgNode, iteration: int,
+          optimizer: torch.optim.Optimizer) -> None:
+    save_checkpoint(output_dir / name, model, cfg, iteration, optimizer=optimizer.state_dict())
+    write_text_atomic(output_dir / LAST_CHECKPOINT, name)
+    logger.info("saved %s (iteration %d)", output_dir / name, iteration)
+
+
+def loss_fell(history: list[dict[str, float]], window: int = 20) -> bool:
+    """Whether the mean total loss of the last ``window`` iterations is below that of the first ``window``."""
+    if len(history) < 2 * window:
+        window = max(len(history) // 2, 1)
+    first = [h["total_loss"] for h in history[:window]]
+    last = [h["total_loss"] for h in history[-window:]]
+    return math.fsum(last) / len(last) < math.fsum(first) / len(first)
