@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.ao.nn.quantized import FloatFunctional
 from torch.nn import functional as F
 
 from fnl.config import CfgNode
@@ -25,11 +26,12 @@ class ASPP(nn.Module):
         )
         self.pooling = nn.Sequential(nn.AdaptiveAvgPool2d(1), ConvNormAct(in_channels, out_channels, 1))
         self.project = ConvNormAct((len(dilations) + 2) * out_channels, out_channels, 1)
+        self.concat = FloatFunctional()  # an observed int8 concatenation once quantized
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         branches = [conv(x) for conv in self.convs]
         branches.append(F.interpolate(self.pooling(x), size=x.shape[-2:], mode="nearest"))
-        return self.project(torch.cat(branches, dim=1))
+        return self.project(self.concat.cat(branches, dim=1))
 
 
 class NonLocalBlock(nn.Module):

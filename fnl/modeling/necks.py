@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.ao.nn.quantized import FloatFunctional
 from torch.nn import functional as F
 
 from fnl.config import CfgNode
@@ -31,6 +32,8 @@ class FPN(nn.Module):
             output = ConvNormAct(out_channels, out_channels, 3, norm=norm, activation=False)
             self.add_module(f"fpn_lateral{level}", lateral if norm else lateral[0])
             self.add_module(f"fpn_output{level}", output if norm else output[0])
+        # One FloatFunctional per sum: a plain add in float, an observed int8 add once quantized.
+        self.top_down_adds = nn.ModuleList(FloatFunctional() for _ in self.in_features[:-1])
         last = _level(self.in_features[-1])
         self.out_features = [f"p{_level(n)}" for n in self.in_features] + [f"p{last + 1}"]
         self.out_channels = out_channels
@@ -40,22 +43,31 @@ class FPN(nn.Module):
         features = self.bottom_up(x)
         outputs: list[torch.Tensor] = []
         top_down: torch.Tensor | None = None
-        for name, feature in zip(reversed(self.in_features), reversed(features), strict=True):
+        for k, (name, feature) in enumerate(zip(reversed(self.in_features), reversed(features), strict=True)):
             level = _level(name)
             lateral = getattr(self, f"fpn_lateral{level}")(feature)
-            top_down = lateral if top_down is None else lateral + resize_nearest(top_down, lateral)
+            if top_down is None:
+                top_down = lateral
+            else:
+                top_down = self.top_down_adds[k - 1].add(lateral, resize_nearest(top_down, lateral))
             outputs.insert(0, getattr(self, f"fpn_output{level}")(top_down))
         outputs.append(F.max_pool2d(outputs[-1], kernel_size=1, stride=2))
         return dict(zip(self.out_features, outputs, strict=True))
 
 
 class WeightedFusion(nn.Module):
-    """EfficientDet's fast normalized fusion: sum_i relu(w_i) x_i / (sum_i relu(w_i) + eps)."""
+    """EfficientDet's fast normalized fusion: sum_i relu(w_i) x_i / (sum_i relu(w_i) + eps).
+
+    On int8 tensors the normalized weights are constants: each input is scaled by a quantized multiply-by-scalar and
+    the sums are observed int8 adds (the ``adds`` FloatFunctionals), so the fusion needs no float island.
+    """
 
     def __init__(self, num_inputs: int, eps: float = 1e-4) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(num_inputs))
         self.eps = eps
+        self.scale = FloatFunctional()  # unobserved: multiply-by-scalar keeps the input's quantization
+        self.adds = nn.ModuleList(FloatFunctional() for _ in range(num_inputs - 1))
 
     def normalized_weights(self) -> torch.Tensor:
         w = F.relu(self.weight)
@@ -63,9 +75,13 @@ class WeightedFusion(nn.Module):
 
     def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         w = self.normalized_weights()
-        out = inputs[0] * w[0]
-        for i in range(1, len(inputs)):
-            out = out + inputs[i] * w[i]
+        if inputs[0].is_quantized:
+            scaled = [self.scale.mul_scalar(x, float(w[i])) for i, x in enumerate(inputs)]
+        else:
+            scaled = [x * w[i] for i, x in enumerate(inputs)]
+        out = scaled[0]
+        for add, x in zip(self.adds, scaled[1:], strict=True):
+            out = add.add(out, x)
         return out
 
 
