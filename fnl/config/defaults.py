@@ -134,3 +134,17 @@ _C.SOLVER.CLIP_GRADIENTS = 0.0  # max L2 norm; 0 disables
 _C.TEST = CfgNode()
 _C.TEST.EVAL_PERIOD = 0  # 0: evaluate only at the end of training
 _C.TEST.MAX_IMAGES = 0  # 0: the whole split
+
+_C.QUANTIZATION = CfgNode()
+_C.QUANTIZATION.BACKEND = "x86"  # "x86" | "fbgemm" (servers) | "qnnpack" (mobile ARM)
+_C.QUANTIZATION.MODE = "qat"  # "qat": quantization-aware training | "ptq": calibration only
+# Modules (qualified names) kept in float on top of the islands every model has (RPN decoding, RoI pooling,
+# predictor outputs): their inputs are dequantized and their outputs quantized again.
+_C.QUANTIZATION.FLOAT_MODULES = []
+_C.QUANTIZATION.MAX_ITER = 300  # QAT iterations (starting from the float checkpoint)
+_C.QUANTIZATION.BASE_LR = 0.002  # QAT learning rate: small, the weights are already trained
+_C.QUANTIZATION.WARMUP_ITERS = 0
+_C.QUANTIZATION.FREEZE_BN_ITER = 200  # freeze BN statistics after this many QAT iterations
+_C.QUANTIZATION.FREEZE_OBSERVER_ITER = 250  # freeze quantization ranges after this many QAT iterations
+_C.QUANTIZATION.CALIBRATION_IMAGES = 32  # images the observers see before QAT (and all that PTQ sees)
+_C.QUANTIZATION.CHECKPOINT_PERIOD = 100

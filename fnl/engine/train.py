@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import random
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,41 +128,58 @@ def train(cfg: CfgNode, resume: bool = False, evaluate: bool = True) -> dict[str
     train_model: nn.Module = model
     if world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-    loader = iter(build_train_loader(cfg))
-    model.train()
-    history: list[dict[str, float]] = []
-    max_iter = cfg.SOLVER.MAX_ITER
-    progress = tqdm(range(start_iter, max_iter), desc="train", initial=start_iter, total=max_iter,
-                    disable=rank != 0)
-    for iteration in progress:
-        batch = next(loader)
-        losses = train_model(batch)
-        total = check_losses_finite(losses, iteration)
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if cfg.SOLVER.CLIP_GRADIENTS > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.SOLVER.CLIP_GRADIENTS)
-        optimizer.step()
-        scheduler.step()
-        record = {"iteration": iteration, "total_loss": total.item(), "lr": optimizer.param_groups[0]["lr"],
-                  **{k: v.item() for k, v in losses.items()}}
-        history.append(record)
-        progress.set_postfix(loss=f"{record['total_loss']:.3f}", lr=f"{record['lr']:.4g}")
-        if rank == 0 and (iteration % 20 == 0 or iteration == max_iter - 1):
-            logger.info("iter %d: %s", iteration, ", ".join(f"{k}={v:.4g}" for k, v in record.items()
-                                                             if k != "iteration"))
-        is_last = iteration == max_iter - 1
-        if rank == 0 and not is_last and (iteration + 1) % cfg.SOLVER.CHECKPOINT_PERIOD == 0:
-            _save(output_dir, f"model_{iteration:07d}.pth", model, cfg, iteration, optimizer)
+
+    def save(name: str, iteration: int) -> None:
+        _save(output_dir, name, model, cfg, iteration, optimizer)
+
+    history = run_iterations(
+        train_model, iter(build_train_loader(cfg)), optimizer, scheduler, range(start_iter, cfg.SOLVER.MAX_ITER),
+        clip_gradients=cfg.SOLVER.CLIP_GRADIENTS, checkpoint_period=cfg.SOLVER.CHECKPOINT_PERIOD,
+        save=save if rank == 0 else None, description="train", log=rank == 0,
+    )
     final = output_dir / "model_final.pth"
     if rank == 0:
-        _save(output_dir, final.name, model, cfg, max_iter - 1, optimizer)
+        _save(output_dir, final.name, model, cfg, cfg.SOLVER.MAX_ITER - 1, optimizer)
         write_json_atomic(output_dir / "train_history.json", history)
     metrics: dict[str, Any] = {}
     if evaluate and rank == 0:
         metrics = evaluate_model(model, cfg)
         write_json_atomic(output_dir / "metrics.json", metrics)
     return {"model": model, "final_checkpoint": final, "metrics": metrics, "history": history}
+
+
+def run_iterations(model: nn.Module, batches: Iterator[list[dict]], optimizer: torch.optim.Optimizer,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler, iterations: range, clip_gradients: float = 0.0,
+                   checkpoint_period: int = 0, save: Callable[[str, int], None] | None = None,
+                   on_iteration: Callable[[int], None] | None = None, description: str = "train",
+                   log: bool = True) -> list[dict[str, float]]:
+    """The loop both float training and QAT run: forward, finite-loss check, backward, clip, step, log, and a
+    checkpoint every ``checkpoint_period`` iterations through ``save(file_name, iteration)``."""
+    model.train()
+    history: list[dict[str, float]] = []
+    progress = tqdm(iterations, desc=description, initial=iterations.start, total=iterations.stop, disable=not log)
+    for iteration in progress:
+        if on_iteration is not None:
+            on_iteration(iteration)
+        losses = model(next(batches))
+        total = check_losses_finite(losses, iteration)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if clip_gradients > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_gradients)
+        optimizer.step()
+        scheduler.step()
+        record = {"iteration": iteration, "total_loss": total.item(), "lr": optimizer.param_groups[0]["lr"],
+                  **{k: v.item() for k, v in losses.items()}}
+        history.append(record)
+        progress.set_postfix(loss=f"{record['total_loss']:.3f}", lr=f"{record['lr']:.4g}")
+        if log and (iteration % 20 == 0 or iteration == iterations.stop - 1):
+            logger.info("%s iter %d: %s", description, iteration,
+                        ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "iteration"))
+        is_last = iteration == iterations.stop - 1
+        if save is not None and checkpoint_period and not is_last and (iteration + 1) % checkpoint_period == 0:
+            save(f"model_{iteration:07d}.pth", iteration)
+    return history
 
 
 def _save(output_dir: Path, name: str, model: nn.Module, cfg: CfgNode, iteration: int,

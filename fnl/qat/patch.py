@@ -1,0 +1,210 @@
+"""Patch: turn a float GeneralizedRCNN into a quantizable one by transforming module *instances* (paper Sec. 3.4).
+
+The whole network runs on int8 tensors except the float islands:
+- the image is quantized after normalization (``backbone`` is wrapped by :class:`QuantizeInputs`);
+- RPN objectness logits and anchor deltas are dequantized before proposals are decoded (``rpn_head``);
+- RoI pooling dequantizes its input features, pools in float and quantizes the result (``*_pooler``);
+- the box and DensePose predictors' outputs are dequantized (``box_predictor``, ``densepose_predictor``);
+- ops without an int8 kernel run dequant -> float -> quant: the non-local block, SiLU / GELU activations, and any
+  module named in ``QUANTIZATION.FLOAT_MODULES``.
+Residual adds of timm's blocks and squeeze-excitation multiplies become observed int8 ops (FloatFunctional) in
+replacement instances that keep the original child modules, so forward hooks on them (timm's feature taps on
+``conv_pwl``) stay where they were. The necks' sums, BiFPN fusion weights and ASPP's concatenation are
+quantization-ready in ``fnl.modeling`` itself.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.ao.nn.quantized import FloatFunctional
+from torch.ao.quantization import DeQuantStub, QuantStub
+
+from fnl.modeling.densepose import NonLocalBlock
+
+
+def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], obj: Any) -> Any:
+    """Apply ``fn`` to every tensor inside nested lists / tuples / dicts."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: map_tensors(fn, v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(map_tensors(fn, v) for v in obj)
+    return obj
+
+
+class QuantizeInputs(nn.Module):
+    """Quantizes the (float) input of ``module``: where the int8 region starts."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.quant = QuantStub()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.module(self.quant(x))
+
+
+class DequantizeOutputs(nn.Module):
+    """Runs ``module`` on int8 tensors and dequantizes every tensor it returns: where an int8 region ends."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.dequant = DeQuantStub()
+
+    def forward(self, *args: Any) -> Any:
+        return map_tensors(self.dequant, self.module(*args))
+
+
+class FloatIsland(nn.Module):
+    """Dequantizes the inputs, runs ``module`` in float, quantizes its (single tensor) output again."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.dequant = DeQuantStub()
+        self.module = module
+        self.module.qconfig = None  # never prepared or converted: it stays float
+        self.quant = QuantStub()
+
+    def forward(self, *args: Any) -> torch.Tensor:
+        return self.quant(self.module(*map_tensors(self.dequant, args)))
+
+
+# Call order of the children of timm's residual blocks (timm/models/_efficientnet_blocks.py), skip add excluded.
+_TIMM_BLOCK_ORDER = {
+    "InvertedResidual": ("conv_s2d", "bn_s2d", "conv_pw", "bn1", "conv_dw", "bn2", "aa", "se", "conv_pwl", "bn3"),
+    "DepthwiseSeparableConv": ("conv_s2d", "bn_s2d", "conv_dw", "bn1", "aa", "se", "conv_pw", "bn2"),
+    "EdgeResidual": ("conv_exp", "bn1", "aa", "se", "conv_pwl", "bn2"),
+    "ConvBnAct": ("conv", "bn1", "aa"),
+}
+
+
+class QuantizableResidualBlock(nn.Module):
+    """A timm block with its ``x + shortcut`` as an observed int8 add. It owns the *same* child instances as the
+    block it replaces (same names), so hooks registered on them keep firing."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        kind = type(block).__name__
+        self.order = tuple(n for n in _TIMM_BLOCK_ORDER[kind] if getattr(block, n, None) is not None)
+        self.source_type = kind
+        for name, child in block.named_children():
+            self.add_module(name, child)
+        self.has_skip = bool(getattr(block, "has_skip", False))
+        self.skip_add = FloatFunctional()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        for name in self.order:
+            x = getattr(self, name)(x)
+        if self.has_skip:
+            x = self.skip_add.add(self.drop_path(x), shortcut)
+        return x
+
+
+class QuantizableSqueezeExcite(nn.Module):
+    """timm's SqueezeExcite with its gating multiply as an observed int8 multiply."""
+
+    def __init__(self, se: nn.Module) -> None:
+        super().__init__()
+        for name, child in se.named_children():
+            self.add_module(name, child)
+        self.gate_mul = FloatFunctional()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_se = x.mean((2, 3), keepdim=True)
+        x_se = self.conv_expand(self.act1(self.conv_reduce(x_se)))
+        return self.gate_mul.mul(x, self.gate(x_se))
+
+
+# Activations with no int8 kernel in torch.ao's eager mode.
+_FLOAT_ONLY_ACTIVATIONS = (nn.SiLU, nn.GELU, nn.Mish)
+
+
+@dataclass
+class FloatIslandRecord:
+    module: str  # qualified name in the patched model
+    kind: str  # "dequantize outputs" | "float island" | "quantize inputs"
+    reason: str
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def make_blocks_quantizable(root: nn.Module) -> int:
+    """Replace timm residual blocks and squeeze-excitation instances below ``root``; returns how many."""
+    replaced = 0
+    for name, module in list(root.named_modules()):
+        kind = type(module).__name__
+        if kind in _TIMM_BLOCK_ORDER:
+            _replace(root, name, QuantizableResidualBlock(module))
+            replaced += 1
+        elif kind == "SqueezeExcite" and hasattr(module, "conv_reduce"):
+            _replace(root, name, QuantizableSqueezeExcite(module))
+            replaced += 1
+    return replaced
+
+
+def patch_for_quantization(model: nn.Module, float_modules: list[str] | tuple[str, ...] = (),
+                           inplace: bool = False) -> tuple[nn.Module, list[FloatIslandRecord]]:
+    """The quantizable model and the list of every float boundary in it."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    islands: list[FloatIslandRecord] = []
+    make_blocks_quantizable(model.backbone)
+
+    def island(name: str, reason: str) -> None:
+        _replace(model, name, FloatIsland(model.get_submodule(name)))
+        islands.append(FloatIslandRecord(name, "float island", reason))
+
+    for name in float_modules:
+        try:
+            model.get_submodule(name)
+        except AttributeError as exc:
+            raise ValueError(f"QUANTIZATION.FLOAT_MODULES names '{name}', which is not a module of the model") from exc
+        island(name, "QUANTIZATION.FLOAT_MODULES")
+    for name, module in list(model.named_modules()):
+        if isinstance(module, NonLocalBlock) and not _inside_island(model, name):
+            island(name, "non-local block: softmax attention has no int8 kernel")
+        elif isinstance(module, _FLOAT_ONLY_ACTIVATIONS) and not _inside_island(model, name):
+            island(name, f"{type(module).__name__} has no int8 kernel")
+
+    roi = model.roi_heads
+    roi.box_pooler = FloatIsland(roi.box_pooler)
+    islands.append(FloatIslandRecord("roi_heads.box_pooler", "float island", "RoIAlign pools float features"))
+    roi.box_predictor = DequantizeOutputs(roi.box_predictor)
+    islands.append(FloatIslandRecord("roi_heads.box_predictor", "dequantize outputs",
+                                     "class scores and box deltas are decoded in float"))
+    if roi.densepose_on:
+        roi.densepose_pooler = FloatIsland(roi.densepose_pooler)
+        islands.append(FloatIslandRecord("roi_heads.densepose_pooler", "float island", "RoIAlign pools float features"))
+        roi.densepose_predictor = DequantizeOutputs(roi.densepose_predictor)
+        islands.append(FloatIslandRecord("roi_heads.densepose_predictor", "dequantize outputs",
+                                         "segmentation and U/V are post-processed in float"))
+    rpn = model.proposal_generator
+    rpn.rpn_head = DequantizeOutputs(rpn.rpn_head)
+    islands.append(FloatIslandRecord("proposal_generator.rpn_head", "dequantize outputs",
+                                     "objectness logits and anchor deltas are decoded into proposals in float"))
+    model.backbone = QuantizeInputs(model.backbone)
+    islands.insert(0, FloatIslandRecord("backbone", "quantize inputs", "the normalized image enters int8 here"))
+    return model, islands
+
+
+def _inside_island(model: nn.Module, name: str) -> bool:
+    parts = name.split(".")
+    return any(isinstance(model.get_submodule(".".join(parts[:k])), FloatIsland) for k in range(1, len(parts)))
+
+
+def format_islands(islands: list[FloatIslandRecord]) -> str:
+    rows = ["| module | boundary | why |", "|---|---|---|"]
+    rows += [f"| `{i.module}` | {i.kind} | {i.reason} |" for i in islands]
+    return "\n".join(rows)
