@@ -1,7 +1,7 @@
 """Keep user forward hooks alive through torch.ao's eager ``prepare`` / ``prepare_qat`` / ``convert``.
 
-What torch 2.14 does by itself (checked in ``tests/hooks/test_torch_native.py``): ``swap_module`` re-registers the
-pre-hooks and forward hooks of a swapped module on its replacement (observer hooks excepted), so plain hooks
+What torch 2.14 does by itself (checked in ``tests/hooks/test_torch_native_hooks.py``): ``swap_module`` re-registers
+the pre-hooks and forward hooks of a swapped module on its replacement (observer hooks excepted), so plain hooks
 survive ``prepare_qat`` and ``convert``. It re-registers them *without* their ``with_kwargs`` / ``always_call``
 flags, so a ``with_kwargs`` hook is then called with the wrong arguments; and ``prepare``'s custom-module path
 (``prepare_custom_config_dict``'s float-to-observed mapping) swaps modules without copying any hook.
@@ -10,7 +10,9 @@ The wrappers below snapshot the hooks (the callables themselves), run the torch.
 on the module now at each hooked qualified name, whatever is missing or mis-flagged, without duplicating what torch
 already carried over, and finally compare hook audits (``HookPreservationError`` on any difference). Observer and
 fake-quant hooks stay first, as torch.ao registers them, so a user forward hook sees the fake-quantized output
-during QAT and the quantized output after ``convert``, as torch intends.
+during QAT and the quantized output after ``convert``, as torch intends. A replaced module's hook dictionaries stay
+referenced from its replacement, so the handles hook owners keep stay valid and the model stays deep-copyable
+(see ``fnl.hooks.registry.keep_hook_dictionaries_alive``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from fnl.hooks.registry import (
     HOOK_KINDS,
     HookKind,
     LiveHook,
+    has_retired_hook_dictionaries,
     is_quantization_observer_hook,
+    keep_hook_dictionaries_alive,
     module_hooks,
     register_hook,
     remove_hook,
@@ -111,10 +115,20 @@ def apply_preserving_hooks(
 ) -> nn.Module:
     """Runs ``stage`` on ``model`` (in place; it may also return a new root), restores lost hooks, and checks the
     hook audit. Use it for any module-swapping stage; the wrappers below are this around torch.ao's functions."""
+    renamed = renamed or {}
     snapshot = snapshot_hooks(model)
+    hooked_modules = {
+        name: module
+        for name, module in model.named_modules()
+        if has_retired_hook_dictionaries(module) or any(_user_hooks(module, kind) for kind in HOOK_KINDS)
+    }
     result = stage(model)
     if result is not None:
         model = result
+    for name, module in hooked_modules.items():
+        replacement = _submodule_or_none(model, renamed.get(name, name))
+        if replacement is not None and replacement is not module:
+            keep_hook_dictionaries_alive(module, replacement)
     restore_hooks(model, snapshot, renamed)
     assert_same_hooks(list(snapshot.audit), audit_hooks(model), renamed, what=what or getattr(stage, "__name__", ""))
     return model
@@ -157,6 +171,13 @@ def _eager_ao(function: Callable[..., nn.Module], model: nn.Module, **kwargs: An
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return function(model, **kwargs)
+
+
+def _submodule_or_none(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _user_hooks(module: nn.Module, kind: HookKind) -> list[LiveHook]:

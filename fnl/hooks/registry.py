@@ -29,6 +29,9 @@ HOOK_KINDS: tuple[HookKind, ...] = ("forward_pre", "forward")
 _OBSERVER_HOOKS = (_observer_forward_hook, _observer_forward_pre_hook)
 _OBSERVER_HOOK_NAMES = {(fn.__module__, fn.__qualname__) for fn in _OBSERVER_HOOKS}
 
+# Instance attribute listing the hook dictionaries of the modules this one replaced (keep_hook_dictionaries_alive).
+RETIRED_HOOK_DICTIONARIES = "_fnl_retired_hook_dictionaries"
+
 
 @dataclass(frozen=True)
 class LiveHook:
@@ -80,9 +83,39 @@ def remove_hook(module: nn.Module, hook: LiveHook) -> None:
 def move_hooks(source: nn.Module, target: nn.Module, kind: HookKind) -> None:
     """Re-registers every ``kind`` hook of ``source`` on ``target`` (appended, same order, same flags), then removes
     them from ``source`` so an instance that is reused inside a fused module does not fire them a second time."""
-    for hook in module_hooks(source, kind):
+    hooks = module_hooks(source, kind)
+    for hook in hooks:
         register_hook(target, hook)
         remove_hook(source, hook)
+    if hooks:
+        keep_hook_dictionaries_alive(source, target)
+
+
+def keep_hook_dictionaries_alive(replaced: nn.Module, replacement: nn.Module) -> None:
+    """Makes ``replacement`` reference the hook dictionaries of ``replaced`` (and of whatever that one replaced).
+
+    A ``RemovableHandle`` holds *weak* references to the dictionaries of the module its hook was registered on, and
+    hook owners keep their handles (timm's ``FeatureHooks._handles``). Once the module is replaced and collected,
+    ``copy.deepcopy`` of anything holding such a handle fails in torch 2.14's ``RemovableHandle.__setstate__``
+    (``weakref.ref(None)`` for the dead flag dictionaries), so ``prepare(inplace=False)`` / ``convert(...)`` of the
+    fused model would crash at random, whenever the garbage collector has run. Keeping the dictionaries referenced
+    from the model keeps those handles valid (removing through them is a no-op) and the model copyable.
+    """
+    retired = replacement.__dict__.setdefault(RETIRED_HOOK_DICTIONARIES, [])
+    retired.extend(
+        (
+            replaced._forward_pre_hooks,
+            replaced._forward_pre_hooks_with_kwargs,
+            replaced._forward_hooks,
+            replaced._forward_hooks_with_kwargs,
+            replaced._forward_hooks_always_called,
+        )
+    )
+    retired.extend(replaced.__dict__.get(RETIRED_HOOK_DICTIONARIES, ()))
+
+
+def has_retired_hook_dictionaries(module: nn.Module) -> bool:
+    return bool(module.__dict__.get(RETIRED_HOOK_DICTIONARIES))
 
 
 def has_forward_hooks(module: nn.Module, kind: HookKind) -> bool:

@@ -177,6 +177,14 @@ def test_pre_hook_of_first_and_forward_hook_of_last_move_and_fire_once() -> None
         assert_outputs_close(expected, output)
 
 
+def test_a_handle_taken_before_fusion_no_longer_removes_the_moved_hook() -> None:
+    model = nn.Sequential(conv(), nn.BatchNorm2d(CHANNELS)).train()
+    handle = model[0].register_forward_pre_hook(CallLog().pre_hook("input"))
+    fused = fuse_model(model, is_qat=True, inplace=True)
+    handle.remove()  # moving re-registers the hook: the old handle points at the conv's (now empty) dictionary
+    assert len(audit_hooks(fused)) == 1
+
+
 def test_hook_flags_and_order_are_kept() -> None:
     model = nn.Sequential(conv(), BatchNormAct2d(CHANNELS)).train()
     log = CallLog()

@@ -9,6 +9,7 @@ switched off on the test's copy (``has_skip = False``): timm's ``x + shortcut`` 
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -64,6 +65,7 @@ def test_spnasnet_feature_hooks_survive_fuse_prepare_qat_and_convert() -> None:
     assert prepared[1].conv_stem.weight.grad is not None
 
     prepared.eval()
+    gc.collect()  # the modules prepare_qat replaced are gone: their hooks' handles must not break the copy below
     converted = convert_preserving_hooks(prepared)
     hooks_converted = audit_hooks(converted)
     assert {r.module.removeprefix("1.") for r in hooks_converted} == set(SPNASNET_FEATURE_TAPS)
@@ -77,6 +79,31 @@ def test_spnasnet_feature_hooks_survive_fuse_prepare_qat_and_convert() -> None:
         quantized_features = converted(x)
     assert [tuple(f.shape) for f in quantized_features] == [(2, *shape) for shape in SPNASNET_EXPANSION_SHAPES]
     assert {f.dtype for f in quantized_features} == {torch.quint8}
+
+
+def test_mobilenetv3_forward_hook_on_a_norm_with_kept_hardswish_survives_all_stages() -> None:
+    """mobilenetv3's last expansion feature is a *forward* hook on ``blocks.6.0.bn1`` (BatchNormAct2d + Hardswish):
+    the last module of a conv+bn+act pattern whose activation torch.ao cannot fuse."""
+    x = example_images()
+    backbone = timm_backbone("mobilenetv3_large_100", "expansion").train()
+    with torch.no_grad():
+        expected_last = backbone.eval()(x)[-1]
+    fused = fuse_model(backbone.train(), is_qat=True)
+    last_tap = [r for r in audit_hooks(fused) if r.kind == "forward"]
+    assert [(r.module, r.module_type) for r in last_tap] == [("blocks.6.0.bn1", "Hardswish")]
+    with torch.no_grad():
+        assert torch.equal(fused.eval()(x)[-1], expected_last)
+
+    model = nn.Sequential(ao.QuantStub(), fused)
+    model.qconfig = qat_qconfig()
+    prepared = prepare_qat_preserving_hooks(model.train())
+    features = prepared(x)
+    assert [f.shape[1] for f in features] == [72, 120, 672, 960]
+    converted = convert_preserving_hooks(prepared.eval())
+    after = [(r.module, r.kind, r.module_type) for r in audit_hooks(converted)]
+    assert after[-1] == ("1.blocks.6.0.bn1", "forward", "Hardswish")  # torch.ao.nn.quantized's Hardswish
+    assert type(converted[1].blocks[6][0].bn1).__module__.startswith("torch.ao.nn.quantized")
+    assert len(after) == 4
 
 
 def test_hooks_with_kwargs_and_always_call_survive_prepare_qat_and_convert() -> None:
@@ -172,3 +199,20 @@ def test_a_stage_that_adds_hooks_is_reported() -> None:
 
     with pytest.raises(HookPreservationError, match="unexpected"):
         apply_preserving_hooks(model, add_hook, what="add_hook")
+
+
+def test_models_stay_deep_copyable_after_hooked_modules_were_replaced() -> None:
+    """timm's FeatureHooks keeps RemovableHandles, which reference the hooked module's dictionaries weakly. After
+    fusion / prepare_qat replaced that module and it was collected, torch 2.14 cannot deep-copy those handles
+    (see test_torch_native_hooks.py); fnl.hooks keeps the old dictionaries referenced so copies keep working."""
+    backbone = timm_backbone("spnasnet_100", "expansion")
+    eval_fused = fuse_model(backbone, is_qat=False)
+    gc.collect()
+    copied = copy.deepcopy(eval_fused)
+    assert len(copied(example_images())) == 4
+
+    model = nn.Sequential(ao.QuantStub(), fuse_model(backbone.train(), is_qat=True))
+    model.qconfig = qat_qconfig()
+    prepared = prepare_qat_preserving_hooks(model, inplace=True)
+    gc.collect()
+    assert len(copy.deepcopy(prepared)(example_images())) == 4

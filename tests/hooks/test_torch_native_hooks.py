@@ -9,6 +9,9 @@ torch 2.14:
 - ``prepare_qat`` and ``convert`` keep plain hooks (``swap_module`` re-registers them on the new module; observer
   hooks come first during QAT) but lose the ``with_kwargs`` / ``always_call`` flags.
 - ``prepare``'s custom-module path drops hooks (see ``test_hook_preserve.py``).
+- Once a hooked module was replaced and collected, a model whose hook owner keeps the ``RemovableHandle``s
+  (timm's FeatureHooks does) can no longer be deep-copied: ``RemovableHandle.__setstate__`` fails on the dead
+  weak references, so ``prepare`` / ``convert`` with ``inplace=False`` crash depending on when the GC ran.
 So the paper's Figure 2 problem (hooks lost by prepare / convert) is fixed upstream for plain hooks such as timm's
 FeatureHooks; what still needs fnl.hooks is fusion of timm / frozen norms, the flags, the custom-module path and
 a check that nothing was lost.
@@ -16,11 +19,15 @@ a check that nothing was lost.
 
 from __future__ import annotations
 
+import copy
+import gc
+
 import pytest
 import torch
 import torch.ao.quantization as ao
 from hooks_testing import SPNASNET_FEATURE_TAPS, CallLog, example_images, timm_backbone
 from timm.layers import BatchNormAct2d
+from timm.models._features import FeatureHooks
 from torch import nn
 
 from fnl.hooks import audit_hooks, fuse_model
@@ -112,5 +119,20 @@ def test_timm_feature_hooks_survive_plain_prepare_qat_and_convert() -> None:
     prepared = ao.prepare_qat(model)
     assert [r.module for r in audit_hooks(prepared)] == [f"1.{name}" for name in SPNASNET_FEATURE_TAPS]
     assert len(prepared(example_images())) == 4
-    converted = ao.convert(prepared.eval())
+    # inplace: a copy could fail, see test_deep_copy_fails_once_a_hooked_module_was_replaced_and_collected
+    converted = ao.convert(prepared.eval(), inplace=True)
     assert [r.module for r in audit_hooks(converted)] == [f"1.{name}" for name in SPNASNET_FEATURE_TAPS]
+
+
+def test_deep_copy_fails_once_a_hooked_module_was_replaced_and_collected() -> None:
+    """``RemovableHandle`` keeps weak references to its module's hook dictionaries; ``__setstate__`` survives a dead
+    main dictionary but not dead flag dictionaries (``weakref.ref(None)``). timm's FeatureHooks keeps its handles,
+    so once torch.ao replaced a hooked module and the garbage collector ran, ``copy.deepcopy`` of the model, and
+    with it ``prepare(..., inplace=False)`` / ``convert(..., inplace=False)``, raises."""
+    model = nn.Sequential(ao.QuantStub(), nn.Conv2d(3, 4, 1), nn.ReLU())
+    model.feature_hooks = FeatureHooks([{"module": "1", "hook_type": "forward_pre"}], model.named_modules())
+    model.qconfig = ao.get_default_qat_qconfig("x86")
+    ao.prepare_qat(model.train(), inplace=True)  # swaps the hooked conv for its QAT version
+    gc.collect()
+    with pytest.raises(TypeError, match="cannot create weak reference to 'NoneType' object"):
+        copy.deepcopy(model)
