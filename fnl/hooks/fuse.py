@@ -374,6 +374,7 @@ def _fuse_group(model: nn.Module, group: FusionGroup, is_qat: bool) -> None:
         )
 
     fused = _build_fused(head, norm, relu, is_qat)
+    fused.training = head.training  # torch.ao's fused Sequentials start in training mode whatever their children
     if hasattr(head, "qconfig"):
         fused.qconfig = head.qconfig
     move_hooks(head, fused, "forward_pre")

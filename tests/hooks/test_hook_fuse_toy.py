@@ -284,3 +284,11 @@ def test_tracing_cuts_a_group_where_registration_order_lies() -> None:
     assert_outputs_close(model(image()), fuse_model(model, is_qat=False, groups=traced)(image()))
     # modes are restored after tracing
     assert not model.training and not model.bn.training
+
+
+def test_fused_modules_take_the_mode_of_the_module_they_replace() -> None:
+    eval_model = nn.Sequential(conv(), nn.BatchNorm2d(CHANNELS), nn.ReLU()).eval()
+    assert not any(m.training for m in fuse_model(eval_model, is_qat=False).modules())
+    assert not any(m.training for m in fuse_model(eval_model, is_qat=True).modules())
+    train_model = eval_model.train()
+    assert all(m.training for m in fuse_model(train_model, is_qat=True).modules())
