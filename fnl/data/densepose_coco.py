@@ -225,9 +225,8 @@ def decode_dp_masks(dp_masks: Any, where: str = "dp_masks") -> np.ndarray:
         raise DatasetError(f"{where}: {DP_MASKS_KEY} must be a list of {NUM_COARSE_PARTS} entries, got {length}")
     present = [index for index, rle in enumerate(dp_masks) if rle]  # falsy entries: the part is not visible
     rles = [_checked_rle(dp_masks[index], f"{where}: {DP_MASKS_KEY}[{index}]") for index in present]
-    segm = np.zeros((MASK_SIZE, MASK_SIZE), dtype=np.uint8)
     if not rles:
-        return segm
+        return np.zeros((MASK_SIZE, MASK_SIZE), dtype=np.uint8)
     try:
         with warnings.catch_warnings():
             # pycocotools' decoder trips numpy 2's __array__(copy=...) deprecation; nothing we can act on.
@@ -237,9 +236,9 @@ def decode_dp_masks(dp_masks: Any, where: str = "dp_masks") -> np.ndarray:
         raise DatasetError(f"{where}: cannot decode {DP_MASKS_KEY} ({exc})") from exc
     if masks.max() > 1:  # pycocotools leaves memory unset when a compressed string ends early
         raise DatasetError(f"{where}: cannot decode {DP_MASKS_KEY} (a truncated or corrupt RLE string)")
-    for position, index in enumerate(present):
-        segm[masks[:, :, position] > 0] = index + 1
-    return segm
+    # Labels grow with the entry index, so "the later part wins an overlap" is a maximum over the masks.
+    labels = np.asarray(present, dtype=np.uint8) + 1
+    return np.ascontiguousarray((masks * labels).max(axis=2))
 
 
 def _checked_rle(rle: Any, where: str) -> dict:

@@ -95,3 +95,10 @@ def test_cli_refuses_to_overwrite_without_force(tmp_path, capsys):
     assert sorted(p.name for p in (out / "images" / "train").iterdir()) == ["000001.jpg"]  # no stale image
     assert keep.read_text() == "mine"  # only the dataset's own files are replaced
     assert main(["synth", "--out", str(tmp_path / "x"), "--num-images", "0"]) == 2
+    # --force into a directory the generator did not write deletes nothing of the owner's.
+    foreign = tmp_path / "foreign"
+    (foreign / "images" / "train").mkdir(parents=True)
+    (foreign / "images" / "train" / "holiday.jpg").write_bytes(b"not ours")
+    assert main(["synth", "--out", str(foreign), "--num-images", "1", "--image-size", "48", "--workers", "1",
+                 "--force"]) == 0
+    assert (foreign / "images" / "train" / "holiday.jpg").read_bytes() == b"not ours"

@@ -64,11 +64,13 @@ def _prepare_output(out_dir: Path, force: bool) -> None:
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not force:
             raise FileExistsError(f"{out_dir} is not empty; pass --force (force=True) to replace the dataset there")
-        # Remove only what a previous run wrote, so stale images of a larger run cannot linger.
-        for name in (ANNOTATIONS_DIR, IMAGES_DIR, SURFACE_DIR):
-            if (out_dir / name).is_dir():
-                shutil.rmtree(out_dir / name)
-        (out_dir / INFO_FILE).unlink(missing_ok=True)
+        # Clear a previous synthetic dataset, so that stale images of a larger run cannot linger. A directory that
+        # this generator did not write (no info file) keeps its files: ours are only written over them.
+        if (out_dir / INFO_FILE).is_file():
+            for name in (ANNOTATIONS_DIR, IMAGES_DIR, SURFACE_DIR):
+                if (out_dir / name).is_dir():
+                    shutil.rmtree(out_dir / name)
+            (out_dir / INFO_FILE).unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
