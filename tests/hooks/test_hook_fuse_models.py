@@ -16,7 +16,14 @@ import copy
 import pytest
 import torch
 import torchvision
-from hooks_testing import assert_outputs_close, count_types, example_images, randomize_norms, timm_backbone
+from hooks_testing import (
+    SPNASNET_FEATURE_TAPS,
+    assert_outputs_close,
+    count_types,
+    example_images,
+    randomize_norms,
+    timm_backbone,
+)
 from torch import nn
 
 from fnl.hooks import audit_hooks, compare_hook_audits, find_fusion_groups, fuse_model
@@ -129,3 +136,26 @@ def test_fnl_layers(norm: str) -> None:
     assert find_fusion_groups(model, is_qat=False, example_inputs=(x,)) == groups
     with torch.no_grad():
         assert_outputs_close(model(x), fuse_model(model, is_qat=False, groups=groups)(x))
+
+
+def test_mobile_parsing_rcnn_b_backbone() -> None:
+    """Model B's backbone (spnasnet_100 with expansion taps + BiFPN, fnl's own modules): registration order holds
+    everywhere, fusion keeps the BiFPN taps and the P2..P6 features."""
+    config = pytest.importorskip("fnl.config")
+    necks = pytest.importorskip("fnl.modeling.necks")
+    torch.manual_seed(0)
+    model = randomize_norms(necks.build_backbone(config.load_config("mobile_parsing_rcnn_b"))).eval()
+    x = example_images(1)
+    groups = find_fusion_groups(model, is_qat=False)
+    assert find_fusion_groups(model, is_qat=False, example_inputs=(x,)) == groups
+    fused = fuse_model(model, is_qat=False, groups=groups)
+    assert not set(count_types(fused)) & set(NORM_TYPES)
+    assert [r.module for r in audit_hooks(fused)] == [f"bottom_up.{name}" for name in SPNASNET_FEATURE_TAPS]
+    with torch.no_grad():
+        assert list(fused(x)) == ["p2", "p3", "p4", "p5", "p6"]
+        # In float32 this deep random-weight stack amplifies rounding: a 1e-7 relative change of the input already
+        # moves P2..P6 by ~1e-3, the size of the fusion's float32 difference. float64 shows the fusion is exact.
+        model64, x64 = copy.deepcopy(model).double(), x[:, :, :32, :32].double()
+        expected = model64(x64)
+        actual = fuse_model(model64, is_qat=False, groups=groups)(x64)
+    assert_outputs_close(list(expected.values()), list(actual.values()), FLOAT64_TOLERANCE)
