@@ -117,10 +117,11 @@ def apply_preserving_hooks(
     hook audit. Use it for any module-swapping stage; the wrappers below are this around torch.ao's functions."""
     renamed = renamed or {}
     snapshot = snapshot_hooks(model)
+    hooked_names = {name for name, _ in snapshot.hooks}
     hooked_modules = {
         name: module
         for name, module in model.named_modules()
-        if has_retired_hook_dictionaries(module) or any(_user_hooks(module, kind) for kind in HOOK_KINDS)
+        if name in hooked_names or has_retired_hook_dictionaries(module)
     }
     result = stage(model)
     if result is not None:
