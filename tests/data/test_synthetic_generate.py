@@ -102,3 +102,43 @@ def test_cli_refuses_to_overwrite_without_force(tmp_path, capsys):
     assert main(["synth", "--out", str(foreign), "--num-images", "1", "--image-size", "48", "--workers", "1",
                  "--force"]) == 0
     assert (foreign / "images" / "train" / "holiday.jpg").read_bytes() == b"not ours"
+
+
+def test_written_surface_scores_rendered_truth_100_and_left_right_confusion_low(synthetic_root):
+    """End to end through the GPS evaluator: I/U/V maps cut from the renders score AP 100 against the json with
+    the generator's surface files, and the same maps with left and right swapped (part and U mirrored) score low,
+    so the geodesic distances separate the two sides of the body."""
+    from fnl.data.parts import POINT_LABEL_SYMMETRIES
+    from fnl.data.synthetic.body import build_template
+    from fnl.data.synthetic.scene import sample_scene
+    from fnl.evaluation import DensePoseCOCOEvaluator, densepose_map_region
+
+    json_path = synthetic_root / "annotations" / "densepose_train.json"
+    coco = json.loads(json_path.read_text())
+
+    def predictions(swap_sides: bool) -> list[dict]:
+        result = []
+        for image in coco["images"]:
+            _, render, _ = sample_scene(np.random.default_rng([3, image["id"] - 1]), build_template(), 128)
+            boxes, maps = [], []
+            for annotation in (a for a in coco["annotations"] if a["image_id"] == image["id"] and "dp_x" in a):
+                x, y, w, h = annotation["bbox"]
+                boxes.append([x, y, x + w, y + h])
+                x0, y0, map_w, map_h = densepose_map_region(boxes[-1])
+                region = (slice(y0, y0 + map_h), slice(x0, x0 + map_w))
+                # The rendered person under the first annotated point (another may cover most of the box).
+                first_point = (int(y + annotation["dp_y"][0] / 256 * h), int(x + annotation["dp_x"][0] / 256 * w))
+                person = render.person[first_point]
+                part = np.where(render.person[region] == person, render.part[region], 0)
+                u, v = render.u[region], render.v[region]
+                if swap_sides:
+                    part, u = np.asarray(POINT_LABEL_SYMMETRIES)[part], 1 - u
+                maps.append(np.stack([part, u, v]).astype(np.float32))
+            result.append({"image_id": image["id"], "boxes": np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
+                           "scores": np.ones(len(boxes)), "classes": np.zeros(len(boxes), dtype=np.int64),
+                           "densepose": maps})
+        return result
+
+    evaluator = DensePoseCOCOEvaluator(json_path, synthetic_root / "surface")
+    assert evaluator.evaluate(predictions(swap_sides=False))["densepose"]["AP"] == pytest.approx(100.0)
+    assert evaluator.evaluate(predictions(swap_sides=True))["densepose"]["AP"] < 20.0
