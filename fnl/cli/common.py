@@ -4,6 +4,7 @@ line on stderr with exit status 2 instead of a traceback."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -57,3 +58,55 @@ def ensure_dir(path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# The embedded default dataset: what --data falls back to.
+DEFAULT_SYNTHETIC = {"num_images": 600, "seed": 0, "image_size": 256, "val_fraction": 0.1}
+
+
+def default_dataset_root() -> Path:
+    base = Path(os.environ.get("FNL_CACHE", Path.home() / ".cache" / "fnl"))
+    d = DEFAULT_SYNTHETIC
+    return base / f"synth-v1-n{d['num_images']}-s{d['seed']}-px{d['image_size']}"
+
+
+def ensure_dataset(data: str | None) -> str:
+    """The dataset root to use: the user's (checked), or the embedded synthetic set, generated on first use."""
+    import json
+
+    from fnl.data.catalog import resolve_split
+
+    if data:
+        resolve_split(data, "val")  # fails with the missing path named
+        return data
+    root = default_dataset_root()
+    info = root / "synth_info.json"
+    if info.is_file():
+        recorded = json.loads(info.read_text())
+        if all(recorded.get(k) == v for k, v in DEFAULT_SYNTHETIC.items()):
+            return str(root)
+    from fnl.data.synthetic import generate_synthetic_dataset
+
+    generate_synthetic_dataset(root, workers=min(2, os.cpu_count() or 1), force=True, **DEFAULT_SYNTHETIC)
+    return str(root)
+
+
+def load_model_for_inference(ckpt: str, config: str | None, overrides: list[str], allow_unsafe: bool = False):
+    """A float or int8 PyTorch model from a checkpoint, with its config (the stored one unless ``config``)."""
+    from fnl.engine.checkpoint import load_state, read_checkpoint
+    from fnl.modeling import build_model
+    from fnl.qat.report import resolve_config
+    from fnl.qat.serialization import is_int8_checkpoint, load_int8_checkpoint
+
+    data = read_checkpoint(ckpt, allow_unsafe)
+    if is_int8_checkpoint(data):
+        model, stored = load_int8_checkpoint(ckpt, allow_unsafe)
+        cfg = stored.clone()
+        if config:
+            cfg.merge_from_file(config)
+        cfg.merge_from_list(overrides)
+        return model, cfg.freeze()
+    cfg = resolve_config(ckpt, config, overrides, allow_unsafe)
+    model = build_model(cfg)
+    load_state(model, ckpt, allow_unsafe, data=data)
+    return model.eval(), cfg

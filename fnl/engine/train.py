@@ -86,8 +86,8 @@ def setup_distributed(cfg: CfgNode) -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-def resume_path(output_dir: Path) -> Path | None:
-    marker = output_dir / LAST_CHECKPOINT
+def resume_path(output_dir: Path, marker_name: str = LAST_CHECKPOINT) -> Path | None:
+    marker = output_dir / marker_name
     if not marker.is_file():
         return None
     path = output_dir / marker.read_text().strip()

@@ -1,0 +1,57 @@
+"""fnl-eval (--ckpt model.pth | --onnx model.onnx) [--data DIR] [--json OUT]: box AP and DensePose GPS AP.
+
+The same evaluator scores float and int8 PyTorch checkpoints and ONNX Runtime sessions: it takes predictions."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fnl.cli.common import ensure_dataset, load_model_for_inference, run_cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fnl-eval", description=__doc__)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help="float or int8 PyTorch checkpoint")
+    source.add_argument("--onnx", help="ONNX model written by fnl-export")
+    parser.add_argument("--config", help="config (default: stored in the checkpoint; defaults for --onnx)")
+    parser.add_argument("--data", help="dataset root (default: the embedded synthetic set)")
+    parser.add_argument("--split", default="val", help="split to evaluate (default val)")
+    parser.add_argument("--json", help="write the results here (DESIGN.md layout)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--unsafe-load", action="store_true", help="allow pickled objects (trusted files only)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides KEY VALUE ...")
+    args = parser.parse_args(argv)
+
+    def run() -> int:
+        import torch
+
+        from fnl.config import load_config
+        from fnl.data import build_test_loader
+        from fnl.data.catalog import resolve_split, surface_dir
+        from fnl.engine.inference import predict_dataset
+        from fnl.evaluation import DensePoseCOCOEvaluator, format_results_table, write_results_json
+
+        torch.set_num_threads(args.threads)
+        overrides = ["DATASETS.ROOT", ensure_dataset(args.data), *args.opts]
+        if args.onnx:
+            from fnl.export.runtime import OnnxPredictor
+
+            cfg = load_config(args.config, overrides)
+            predictor = OnnxPredictor(args.onnx, threads=args.threads)
+        else:
+            predictor, cfg = load_model_for_inference(args.ckpt, args.config, overrides, args.unsafe_load)
+        predictions, _ = predict_dataset(predictor, build_test_loader(cfg, args.split), f"evaluate {args.split}")
+        json_path, _ = resolve_split(cfg.DATASETS.ROOT, args.split)
+        results = DensePoseCOCOEvaluator(json_path, surface_dir(cfg.DATASETS.ROOT)).evaluate(predictions)
+        print(format_results_table(results))
+        if args.json:
+            write_results_json(results, args.json)
+        return 0
+
+    return run_cli(run, "fnl-eval")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""fnl-quantize --ckpt model.pth [--config F] [--data DIR] [--iters N] [--backend x86|fbgemm|qnnpack]
+[--mode qat|ptq] --output DIR: patch -> fuse -> QAT (or PTQ) -> int8, and a float32-vs-int8 report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fnl.cli.common import ensure_dataset, run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fnl-quantize", description=__doc__)
+    parser.add_argument("--ckpt", required=True, help="float checkpoint (fnl-train / detectron2 format)")
+    parser.add_argument("--config", help="config; default: the one stored in the checkpoint")
+    parser.add_argument("--data", help="dataset root (default: the embedded synthetic set)")
+    parser.add_argument("--output", required=True, help="output directory")
+    parser.add_argument("--iters", type=int, help="QAT iterations (QUANTIZATION.MAX_ITER)")
+    parser.add_argument("--backend", choices=["x86", "fbgemm", "qnnpack"], help="QUANTIZATION.BACKEND")
+    parser.add_argument("--mode", choices=["qat", "ptq"], default="qat", help="QAT (default) or calibration only")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for the latency figures (default 2)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted QAT run in --output")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing int8 model in --output")
+    parser.add_argument("--unsafe-load", action="store_true",
+                        help="load a checkpoint that holds arbitrary pickled objects (only for trusted files)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides KEY VALUE ...")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(lambda: run(args), "fnl-quantize")
+
+
+def run(args: argparse.Namespace) -> int:
+    from fnl.qat.report import quantize_and_report
+
+    output = Path(args.output)
+    int8_path = output / "model_int8.pth"
+    if int8_path.exists() and not (args.force or args.resume):
+        raise FileExistsError(f"{int8_path} already exists; pass --force to overwrite it or --resume")
+    overrides = ["DATASETS.ROOT", ensure_dataset(args.data), "OUTPUT_DIR", str(output)]
+    if args.iters is not None:
+        overrides += ["QUANTIZATION.MAX_ITER", str(args.iters)]
+    if args.backend:
+        overrides += ["QUANTIZATION.BACKEND", args.backend]
+    overrides += ["QUANTIZATION.MODE", args.mode, *args.opts]
+    document = quantize_and_report(args.ckpt, output, args.config, overrides, threads=args.threads,
+                                   resume=args.resume, allow_unsafe=args.unsafe_load)
+    print((output / "report.md").read_text())
+    print(f"int8 model: {int8_path}\nreport: {output / 'report.json'}")
+    return 0 if document else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

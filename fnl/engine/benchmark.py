@@ -1,0 +1,47 @@
+"""One report row: run a predictor over the validation split, score it, time it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from fnl.config import CfgNode
+from fnl.engine.inference import Predictor, predict_dataset
+from fnl.export.report import ReportRow, latency_figures
+
+logger = logging.getLogger("fnl")
+
+
+def measure(name: str, fmt: str, precision: str, method: str, predictor: Predictor, cfg: CfgNode,
+            size_mb: float | None, split: str | None = None) -> tuple[ReportRow, dict]:
+    """AP of ``predictor`` on ``split`` and its per-image latency (batch 1, torch threads as set by the caller)."""
+    from fnl.data import build_test_loader
+    from fnl.data.catalog import resolve_split, surface_dir
+    from fnl.evaluation import DensePoseCOCOEvaluator
+
+    split = split or cfg.DATASETS.TEST[0]
+    loader = build_test_loader(cfg, split)
+    predictions, latencies = predict_dataset(predictor, loader, f"{name} on {split}", cfg.TEST.MAX_IMAGES)
+    json_path, _ = resolve_split(cfg.DATASETS.ROOT, split)
+    results = DensePoseCOCOEvaluator(json_path, surface_dir(cfg.DATASETS.ROOT)).evaluate(predictions)
+    row = ReportRow(name=name, format=fmt, precision=precision, method=method, size_mb=size_mb,
+                    bbox_AP=_round(results["bbox"]["AP"]), densepose_AP=_round(results["densepose"]["AP"]),
+                    **latency_figures(latencies))
+    logger.info("%s: box AP %s, DensePose AP %s, p50 %s ms", name, row.bbox_AP, row.densepose_AP,
+                row.latency_ms_p50)
+    return row, results
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 3)
+
+
+def model_file_megabytes(model: torch.nn.Module, path: Path, cfg: CfgNode) -> float:
+    """Save the float model as users ship it (weights + config, no optimizer state) and return its size."""
+    from fnl.engine.checkpoint import save_checkpoint
+    from fnl.export.report import file_megabytes
+
+    save_checkpoint(path, model, cfg)
+    return file_megabytes(path)

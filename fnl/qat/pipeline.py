@@ -1,0 +1,48 @@
+"""``quantize(float_model, cfg)``: the whole of fnl-quantize as one call over a module tree."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from fnl.config import CfgNode
+from fnl.qat.quantize import QuantizationStages, calibrate, convert, prepare
+
+logger = logging.getLogger("fnl")
+
+
+@dataclass
+class QuantizationResult:
+    int8_model: nn.Module
+    mode: str
+    stages: QuantizationStages
+    history: list[dict[str, float]] = field(default_factory=list)
+    prepared: nn.Module | None = None  # the fake-quant (QAT) / observed (PTQ) model before convert
+
+
+def quantize(float_model: nn.Module, cfg: CfgNode, mode: str | None = None, output_dir: str | Path | None = None,
+             resume: bool = False) -> QuantizationResult:
+    """patch -> fuse -> prepare -> calibrate -> (QAT) -> convert on cfg.DATASETS.TRAIN; ``float_model`` is untouched.
+
+    QAT checkpoints go to ``output_dir`` (required for QAT, so that ``resume`` can pick them up).
+    """
+    from fnl.data import build_train_loader
+
+    mode = mode or cfg.QUANTIZATION.MODE
+    stages = QuantizationStages()
+    prepared = prepare(float_model.eval(), cfg, mode, stages)
+    if not (resume and mode == "qat"):
+        seen = calibrate(prepared, iter(build_train_loader(cfg)), cfg.QUANTIZATION.CALIBRATION_IMAGES)
+        logger.info("%s: observers calibrated on %d images", mode, seen)
+    history: list[dict[str, float]] = []
+    if mode == "qat":
+        if output_dir is None:
+            raise ValueError("QAT needs an output directory for its checkpoints")
+        from fnl.qat.train import quantization_aware_training
+
+        history = quantization_aware_training(prepared, cfg, output_dir, resume)
+    int8 = convert(prepared, stages)
+    return QuantizationResult(int8, mode, stages, history, prepared)

@@ -1,0 +1,147 @@
+"""The quantization pipeline over a module tree: patch -> fuse -> prepare -> (calibrate, train) -> convert.
+
+Each stage is a function a reader can find by name; ``quantize`` runs them all (torchao's ``quantize_`` idea: one
+call, one idea). Every stage that swaps modules is checked with the hook audit of ``fnl.hooks``: the BiFPN's
+expansion taps (forward pre-hooks on timm's ``conv_pwl``) must survive all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.ao.nn.intrinsic.qat import freeze_bn_stats
+from torch.ao.quantization import (
+    QConfig,
+    default_weight_fake_quant,
+    default_weight_observer,
+    disable_observer,
+    get_default_qat_qconfig,
+    get_default_qconfig,
+)
+from tqdm import tqdm
+
+from fnl.config import CfgNode
+from fnl.hooks import (
+    HookRecord,
+    audit_hooks,
+    convert_preserving_hooks,
+    fuse_model,
+    prepare_preserving_hooks,
+    prepare_qat_preserving_hooks,
+)
+from fnl.qat.patch import FloatIslandRecord, patch_for_quantization
+
+logger = logging.getLogger("fnl")
+
+BACKENDS = ("x86", "fbgemm", "qnnpack")
+MODES = ("qat", "ptq")
+
+
+@dataclass
+class QuantizationStages:
+    """What happened at each stage: the float islands and the hook audit after every module swap."""
+
+    islands: list[FloatIslandRecord] = field(default_factory=list)
+    hook_audits: dict[str, list[HookRecord]] = field(default_factory=dict)
+
+
+def select_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"QUANTIZATION.BACKEND must be one of {BACKENDS}, got '{backend}'")
+    if backend not in torch.backends.quantized.supported_engines:
+        raise ValueError(f"quantized engine '{backend}' is not available in this PyTorch build "
+                         f"(available: {torch.backends.quantized.supported_engines})")
+    torch.backends.quantized.engine = backend
+
+
+def assign_qconfig(model: nn.Module, backend: str, qat: bool) -> None:
+    """Per-channel int8 weights, uint8 activations; transposed convs get per-tensor weights, which is what
+    torch.ao's quantized ConvTranspose2d supports. Float islands already carry ``qconfig = None``."""
+    qconfig = get_default_qat_qconfig(backend) if qat else get_default_qconfig(backend)
+    model.qconfig = qconfig
+    per_tensor = QConfig(activation=qconfig.activation,
+                         weight=default_weight_fake_quant if qat else default_weight_observer)
+    for module in model.modules():
+        if isinstance(module, nn.ConvTranspose2d) and getattr(module, "qconfig", qconfig) is not None:
+            module.qconfig = per_tensor
+
+
+def prepare(float_model: nn.Module, cfg: CfgNode, mode: str | None = None,
+            stages: QuantizationStages | None = None) -> nn.Module:
+    """patch -> fuse -> prepare(_qat): the fake-quant (QAT) or observed (PTQ) model. ``float_model`` is untouched."""
+    mode = mode or cfg.QUANTIZATION.MODE
+    if mode not in MODES:
+        raise ValueError(f"QUANTIZATION.MODE must be one of {MODES}, got '{mode}'")
+    stages = stages if stages is not None else QuantizationStages()
+    backend = cfg.QUANTIZATION.BACKEND
+    select_backend(backend)
+    qat = mode == "qat"
+    patched, stages.islands = patch_for_quantization(float_model, cfg.QUANTIZATION.FLOAT_MODULES)
+    stages.hook_audits["patch"] = audit_hooks(patched)
+    # QAT fuses into train-mode ConvBn modules (BN keeps learning); PTQ folds BN into the conv weights.
+    patched.train(qat)
+    fused = fuse_model(patched, is_qat=qat, inplace=True)
+    stages.hook_audits["fuse"] = audit_hooks(fused)
+    assign_qconfig(fused, backend, qat)
+    prepare_stage = prepare_qat_preserving_hooks if qat else prepare_preserving_hooks
+    prepared = prepare_stage(fused, inplace=True)
+    stages.hook_audits["prepare"] = audit_hooks(prepared)
+    prepared.train(qat)
+    return prepared
+
+
+@torch.no_grad()
+def calibrate(prepared: nn.Module, batches: Iterable[list[dict]], num_images: int) -> int:
+    """Run images through the observers in eval mode (BN statistics stay as they are); returns images seen."""
+    prepared.eval()
+    seen = 0
+    with tqdm(total=num_images, desc="calibrate", unit="img", leave=False) as progress:
+        for batch in batches:
+            prepared([{k: v for k, v in x.items() if k != "instances"} for x in batch])
+            seen += len(batch)
+            progress.update(len(batch))
+            if seen >= num_images:
+                break
+    return seen
+
+
+def freeze_schedule(model: nn.Module, cfg: CfgNode):
+    """The per-iteration hook of the QAT loop: freeze BN statistics, then the observers, at the configured steps."""
+    q = cfg.QUANTIZATION
+
+    def on_iteration(iteration: int) -> None:
+        if iteration == q.FREEZE_BN_ITER:
+            model.apply(freeze_bn_stats)
+            logger.info("QAT iteration %d: BN statistics frozen", iteration)
+        if iteration == q.FREEZE_OBSERVER_ITER:
+            model.apply(disable_observer)
+            logger.info("QAT iteration %d: observers frozen", iteration)
+
+    return on_iteration
+
+
+def apply_frozen_state(model: nn.Module, cfg: CfgNode, iteration: int) -> None:
+    """Re-apply the freezes a resumed QAT run had already passed."""
+    if iteration > cfg.QUANTIZATION.FREEZE_BN_ITER:
+        model.apply(freeze_bn_stats)
+    if iteration > cfg.QUANTIZATION.FREEZE_OBSERVER_ITER:
+        model.apply(disable_observer)
+
+
+def convert(prepared: nn.Module, stages: QuantizationStages | None = None) -> nn.Module:
+    """The real int8 model (torch.ao quantized modules), hooks kept."""
+    prepared.eval()
+    int8 = convert_preserving_hooks(prepared, inplace=False)
+    if stages is not None:
+        stages.hook_audits["convert"] = audit_hooks(int8)
+    return int8.eval()
+
+
+def build_int8_structure(float_model: nn.Module, cfg: CfgNode, mode: str) -> nn.Module:
+    """The int8 module tree for ``cfg`` (weights not yet loaded): how an int8 checkpoint is reloaded."""
+    prepared = prepare(float_model, cfg, mode)
+    return convert(prepared)
