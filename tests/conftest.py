@@ -29,3 +29,23 @@ def make_training_input(height: int = 128, width: int = 160, seed: int = 0) -> d
 @pytest.fixture
 def training_batch() -> list[dict]:
     return [make_training_input(seed=0), make_training_input(seed=1)]
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """12 synthetic images at 128 px (10 train / 2 val), generated once per session."""
+    from fnl.data.synthetic import generate_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("tiny") / "synth"
+    generate_synthetic_dataset(root, num_images=12, seed=5, image_size=128, val_fraction=0.17, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(tiny_dataset):
+    """configs/test_tiny.yaml on the tiny dataset: model B at 128 px, a few iterations."""
+    from fnl.config import load_config
+
+    return load_config("test_tiny", ["DATASETS.ROOT", str(tiny_dataset), "QUANTIZATION.MAX_ITER", "3",
+                                     "QUANTIZATION.FREEZE_BN_ITER", "1", "QUANTIZATION.FREEZE_OBSERVER_ITER", "2",
+                                     "QUANTIZATION.CALIBRATION_IMAGES", "4", "QUANTIZATION.CHECKPOINT_PERIOD", "2"])

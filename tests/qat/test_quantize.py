@@ -1,0 +1,145 @@
+"""The quantization pipeline on model B: float islands, hook-preserving fusion, QAT, int8 conversion, reload."""
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from fnl.config import load_config
+from fnl.hooks import audit_hooks, fuse_model
+from fnl.modeling import build_model
+from fnl.qat import (
+    calibrate,
+    convert,
+    load_int8_checkpoint,
+    patch_for_quantization,
+    prepare,
+    quantize,
+    save_int8_checkpoint,
+)
+from fnl.qat.patch import FloatIsland, QuantizableResidualBlock
+
+TAPS = ["blocks.1.2.conv_pwl", "blocks.2.3.conv_pwl", "blocks.4.3.conv_pwl", "blocks.6.0.conv_pwl"]
+SMALL = ["INPUT.MIN_SIZE_TEST", "128", "MODEL.RPN.POST_NMS_TOPK_TEST", "50"]
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+@pytest.fixture(scope="module")
+def float_model():
+    torch.manual_seed(0)
+    return build_model(load_config("mobile_parsing_rcnn_b", SMALL)).eval()
+
+
+@pytest.fixture(scope="module")
+def image():
+    return torch.randint(0, 256, (3, 128, 160), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+
+
+def _tap_modules(audit):
+    return sorted(r.module.split("bottom_up.")[-1] for r in audit if r.kind == "forward_pre")
+
+
+def test_patch_keeps_float_outputs_and_lists_every_island(float_model, image):
+    patched, islands = patch_for_quantization(float_model)
+    names = {i.module for i in islands}
+    assert {"backbone", "proposal_generator.rpn_head", "roi_heads.box_pooler", "roi_heads.densepose_pooler",
+            "roi_heads.box_predictor", "roi_heads.densepose_predictor"} <= names
+    assert isinstance(patched.roi_heads.box_pooler, FloatIsland)
+    timm_blocks = [m for m in float_model.backbone.bottom_up.blocks.modules()
+                   if type(m).__name__ in ("InvertedResidual", "DepthwiseSeparableConv")]
+    blocks = [m for m in patched.modules() if isinstance(m, QuantizableResidualBlock)]
+    assert len(blocks) == len(timm_blocks) > 0
+    with torch.no_grad():
+        a, b = float_model([{"image": image}])[0], patched([{"image": image}])[0]
+    assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["densepose"]["u"], b["densepose"]["u"])
+
+
+def test_fused_model_equals_unfused_in_eval(float_model, image):
+    patched, _ = patch_for_quantization(float_model)
+    fused = fuse_model(patched.eval(), is_qat=False)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    with torch.no_grad():
+        images = float_model.preprocess_image([{"image": image}])[0]
+        reference = float_model.backbone(images)
+        features = fused.backbone(images)
+    for name in reference:
+        assert torch.allclose(reference[name], features[name], atol=1e-5), name
+
+
+def test_expansion_taps_feed_the_neck_after_fuse_prepare_qat_and_convert(float_model, image):
+    stages_model = prepare(float_model, load_config("mobile_parsing_rcnn_b", SMALL), "qat")
+    from fnl.qat.quantize import QuantizationStages
+
+    stages = QuantizationStages()
+    prepared = prepare(float_model, load_config("mobile_parsing_rcnn_b", SMALL), "qat", stages)
+    with torch.no_grad():
+        prepared.eval()([{"image": image}])  # observers see one image
+    int8 = convert(prepared, stages)
+    for stage in ("patch", "fuse", "prepare", "convert"):
+        assert _tap_modules(stages.hook_audits[stage]) == TAPS, stage
+    # The taps fire on the int8 model and feed the BiFPN: its inputs are quantized tensors of the tapped widths.
+    bottom_up = int8.backbone.module.bottom_up
+    seen = {}
+    for name in TAPS:
+        bottom_up.get_submodule(name).register_forward_pre_hook(
+            lambda module, args, name=name: seen.setdefault(name, args[0]))
+    with torch.no_grad():
+        features = int8.backbone(float_model.preprocess_image([{"image": image}])[0])
+    assert [seen[n].shape[1] for n in TAPS] == [72, 120, 288, 1152]
+    assert all(seen[n].is_quantized for n in TAPS)
+    assert all(f.is_quantized for f in features.values())
+    assert len(audit_hooks(stages_model)) == len(audit_hooks(prepared))
+
+
+def test_int8_model_is_small_and_reloads_in_a_fresh_process(float_model, image, tmp_path):
+    cfg = load_config("mobile_parsing_rcnn_b", SMALL)
+    prepared = prepare(float_model, cfg, "ptq")
+    calibrate(prepared, [[{"image": image}]] * 2, num_images=2)
+    int8 = convert(prepared)
+    path = save_int8_checkpoint(tmp_path / "model_int8.pth", int8, cfg, "ptq")
+    float_path = tmp_path / "model_fp32.pth"
+    torch.save({"model": float_model.state_dict()}, float_path)
+    assert float_path.stat().st_size / path.stat().st_size >= 3.5
+    with torch.no_grad():
+        expected = int8([{"image": image}])[0]
+    torch.save({"image": image, "boxes": expected["boxes"], "u": expected["densepose"]["u"]}, tmp_path / "ref.pt")
+    script = (
+        "import torch, sys\n"
+        "from fnl.qat import load_int8_checkpoint\n"
+        f"model, cfg = load_int8_checkpoint(r'{path}')\n"
+        f"ref = torch.load(r'{tmp_path / 'ref.pt'}', weights_only=True)\n"
+        "out = model([{'image': ref['image']}])[0]\n"
+        "assert torch.equal(out['boxes'], ref['boxes']) and torch.equal(out['densepose']['u'], ref['u'])\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+
+
+def test_a_float_checkpoint_is_not_an_int8_one(float_model, tmp_path):
+    from fnl.engine.checkpoint import CheckpointError, save_checkpoint
+
+    path = save_checkpoint(tmp_path / "float.pth", float_model, load_config("mobile_parsing_rcnn_b"))
+    with pytest.raises(CheckpointError, match="not an int8 checkpoint"):
+        load_int8_checkpoint(path)
+
+
+def test_unknown_float_module_is_named(float_model):
+    with pytest.raises(ValueError, match="QUANTIZATION.FLOAT_MODULES names 'roi_heads.nope'"):
+        patch_for_quantization(float_model, ["roi_heads.nope"])
+
+
+def test_qat_trains_freezes_and_resumes(tiny_cfg, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg).eval()
+    result = quantize(model, tiny_cfg, "qat", output_dir=tmp_path)
+    assert len(result.history) == 3 and all(torch.isfinite(torch.tensor(h["total_loss"])) for h in result.history)
+    fake_quants = [m for m in result.prepared.modules() if hasattr(m, "observer_enabled")]
+    assert fake_quants and all(int(m.observer_enabled) == 0 for m in fake_quants)  # frozen at iteration 2
+    assert (tmp_path / "qat_model_0000001.pth").is_file() and (tmp_path / "qat_model_final.pth").is_file()
+    resumed = quantize(model, tiny_cfg, "qat", output_dir=tmp_path, resume=True)
+    assert resumed.history == []  # the run was complete
+    with torch.no_grad():
+        out = result.int8_model([{"image": torch.randint(0, 256, (3, 128, 128), dtype=torch.uint8)}])[0]
+    assert out["densepose"]["fine_segm"].dtype == torch.float32
