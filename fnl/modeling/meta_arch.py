@@ -54,12 +54,16 @@ class GeneralizedRCNN(nn.Module):
         return (image.to(self.device, torch.float32) - self.pixel_mean) / self.pixel_std
 
     def preprocess_image(self, batched_inputs: list[dict]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """Normalize, then pad every image to a common size divisible by SIZE_DIVISIBILITY."""
+        """Normalize, then pad every image to a common size divisible by SIZE_DIVISIBILITY.
+
+        Sizes stay as ``shape`` gives them (ints; traced values under ONNX export, so the padding stays dynamic) and
+        the rounding up avoids negative floor division, which the ONNX exporter turns into truncation.
+        """
         images = [self.normalize(x["image"]) for x in batched_inputs]
-        image_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        image_sizes = [(im.shape[-2], im.shape[-1]) for im in images]
         d = self.size_divisibility
-        max_h = -(-max(h for h, _ in image_sizes) // d) * d
-        max_w = -(-max(w for _, w in image_sizes) // d) * d
+        max_h = (max(h for h, _ in image_sizes) + d - 1) // d * d
+        max_w = (max(w for _, w in image_sizes) + d - 1) // d * d
         batch = torch.stack([F.pad(im, (0, max_w - im.shape[-1], 0, max_h - im.shape[-2])) for im in images])
         return batch, image_sizes
 
@@ -74,11 +78,14 @@ class GeneralizedRCNN(nn.Module):
         losses.update(roi_losses)
         return losses
 
-    def inference(self, batched_inputs: list[dict]) -> list[dict]:
+    def inference(self, batched_inputs: list[dict], do_postprocess: bool = True) -> list[dict]:
+        """``do_postprocess=False`` (detectron2's flag) keeps boxes in the resized input image, as ONNX export does."""
         images, image_sizes = self.preprocess_image(batched_inputs)
         features = self.backbone(images)
         proposals, _ = self.proposal_generator(features, image_sizes)
         detections, _ = self.roi_heads(features, proposals, image_sizes)
+        if not do_postprocess:
+            return detections
         return [
             postprocess(d, size, (x.get("height", size[0]), x.get("width", size[1])))
             for d, size, x in zip(detections, image_sizes, batched_inputs, strict=True)

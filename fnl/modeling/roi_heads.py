@@ -119,20 +119,22 @@ class DensePoseROIHeads(nn.Module):
     # --- inference ----------------------------------------------------------------------------------------
     def inference(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
                   image_sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+        # Counts come from shape[0], not len(): under ONNX export len() freezes the sample image's count.
         boxes = [p[:, :4] for p in proposals]
+        counts = [b.shape[0] for b in boxes]
         logits, deltas = self.box_predictor(self.box_features(features, boxes))
         detections = []
         for (logit, delta), image_boxes, size in zip(
-            zip(logits.split([len(b) for b in boxes]), deltas.split([len(b) for b in boxes]), strict=True),
-            boxes, image_sizes, strict=True,
+            zip(logits.split(counts), deltas.split(counts), strict=True), boxes, image_sizes, strict=True,
         ):
             detections.append(self.select_detections(logit, delta, image_boxes, size))
         if self.densepose_on:
             output = self.densepose_outputs(features, [d["boxes"] for d in detections])
             start = 0
             for d in detections:
-                d["densepose"] = output[slice(start, start + len(d["boxes"]))].as_dict()
-                start += len(d["boxes"])
+                count = d["boxes"].shape[0]
+                d["densepose"] = output[slice(start, start + count)].as_dict()
+                start = start + count
         return detections
 
     def select_detections(self, logits: torch.Tensor, deltas: torch.Tensor, proposals: torch.Tensor,

@@ -101,8 +101,7 @@ class RPN(nn.Module):
             kept = []
             for level_anchors, level_logits, level_deltas in zip(anchors, logits, deltas, strict=True):
                 scores = level_logits[i]
-                k = min(pre_k, scores.shape[0])
-                scores, idx = scores.topk(k)
+                scores, idx = scores.topk(_topk_count(scores, pre_k))
                 boxes = self.box_coder.decode_single(level_deltas[i][idx], level_anchors[idx])
                 boxes = clip_boxes_to_image(boxes, image_size)
                 valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
@@ -139,6 +138,14 @@ class RPN(nn.Module):
         loss_box = _box_regression_loss(deltas_all[pos], torch.cat(regression_targets)[pos], self.smooth_l1_beta)
         return {"loss_rpn_cls": self.loss_weight * loss_cls / normalizer,
                 "loss_rpn_loc": self.loss_weight * loss_box / normalizer}
+
+
+def _topk_count(scores: torch.Tensor, k: int) -> int | torch.Tensor:
+    """min(k, len(scores)). Under ONNX export ``shape[0]`` is a traced value and Python's ``min`` would freeze the
+    branch the sample image took (a TopK larger than a smaller image's level); a clamp stays in the graph."""
+    if torch.jit.is_tracing():
+        return torch.clamp(scores.shape[0], max=k)
+    return min(k, scores.shape[0])
 
 
 def _box_regression_loss(pred: torch.Tensor, target: torch.Tensor, beta: float) -> torch.Tensor:
