@@ -1,1 +1,33 @@
-"""fnl.export."""
+"""Export to deployment formats and check the result against PyTorch.
+
+``to_onnx`` (fnl.export.onnx) writes the whole model as one ONNX graph, ``OnnxPredictor`` (fnl.export.runtime) runs
+it in ONNX Runtime with the PyTorch model's interface, ``verify_onnx`` (fnl.export.verify) compares the two.
+
+Names resolve lazily: ``fnl.export.runtime`` must import in a process that never loads torch, and importing it
+imports this package first.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "to_onnx": "fnl.export.onnx",
+    "export_graph": "fnl.export.onnx",
+    "ExportableRCNN": "fnl.export.onnx",
+    "OnnxPredictor": "fnl.export.runtime",
+    "OnnxModelError": "fnl.export.runtime",
+    "verify_onnx": "fnl.export.verify",
+    "Criteria": "fnl.export.verify",
+    "FLOAT32": "fnl.export.verify",
+    "INT8": "fnl.export.verify",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'fnl.export' has no attribute '{name}'")
+    return getattr(import_module(_EXPORTS[name]), name)

@@ -1,0 +1,184 @@
+"""The whole Mobile Parsing R-CNN as one ONNX graph: image in, detections and DensePose head outputs out.
+
+Graph interface (``fnl.export.runtime`` runs it):
+- input ``image``: (1, 3, H, W) RGB, uint8 (or float32 when exported with a float sample), already resized to the
+  test size as the data mapper resizes (shortest side INPUT.MIN_SIZE_TEST); H and W are dynamic. Normalization
+  and zero-padding to INPUT.SIZE_DIVISIBILITY happen inside the graph; resizing does not.
+- outputs ``boxes`` (N, 4) XYXY in the input image's pixels, ``scores`` (N,), ``classes`` (N,) int64 and, with
+  DensePose on, ``coarse_segm``, ``fine_segm``, ``u``, ``v`` (N, C, S, S) box-relative; N is dynamic and may be 0.
+
+Anchors, proposal decoding, per-level top-k and NMS, and multi-level RoIAlign are traced as standard ONNX ops
+(Range, TopK, NonMaxSuppression, RoiAlign, ScatterElements). The TorchScript-based exporter (``dynamo=False``) is
+used on purpose: it is the one that exports eager int8 models (torch.ao quantized modules between
+QuantStub/DeQuantStub) as QuantizeLinear/DequantizeLinear around Conv; the dynamo exporter refuses them.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+import fnl
+from fnl.export.runtime import BOX_OUTPUTS, DENSEPOSE_OUTPUTS, INPUT_NAME
+from fnl.modeling import GeneralizedRCNN
+from fnl.utils.io import atomic_path
+
+logger = logging.getLogger("fnl")
+
+DEFAULT_OPSET = 17
+
+
+class ExportableRCNN(nn.Module):
+    """A GeneralizedRCNN's inference path on one image with tensors in and out, the form torch.onnx traces:
+    image (1, 3, H, W) -> (boxes, scores, classes[, coarse_segm, fine_segm, u, v]), boxes in the input image.
+
+    It calls the model's own ``inference`` (no postprocessing), so whatever the model's stages are (a float model,
+    or one whose modules quantization has replaced) is what gets exported.
+    """
+
+    def __init__(self, model: GeneralizedRCNN) -> None:
+        super().__init__()
+        self.model = model
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return BOX_OUTPUTS + (DENSEPOSE_OUTPUTS if self.model.roi_heads.densepose_on else ())
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        (detections,) = self.model.inference([{"image": image[0]}], do_postprocess=False)
+        outputs = [detections[name] for name in BOX_OUTPUTS]
+        if "densepose" in detections:
+            outputs.extend(detections["densepose"][name] for name in DENSEPOSE_OUTPUTS)
+        return tuple(outputs)
+
+    def densepose_on_boxes(self, image: torch.Tensor, boxes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """DensePose head outputs for given boxes (input image pixels): compares heads on the very same boxes."""
+        images, _ = self.model.preprocess_image([{"image": image[0]}])
+        features = self.model.backbone(images)
+        boxes = boxes.to(device=images.device, dtype=torch.float32)
+        return self.model.roi_heads.densepose_outputs(features, [boxes]).as_dict()
+
+
+def model_precision(model: nn.Module) -> str:
+    """"int8" for an eager int8 model (its QuantStubs were converted to Quantize modules), else "float32"."""
+    quantized = any(isinstance(m, torch.ao.nn.quantized.Quantize) for m in model.modules())
+    return "int8" if quantized else "float32"
+
+
+def default_onnx_name(model: nn.Module) -> str:
+    return "model_int8.onnx" if model_precision(model) == "int8" else "model_fp32.onnx"
+
+
+def to_onnx(model: GeneralizedRCNN, path: str | Path, sample_image: torch.Tensor,
+            opset: int = DEFAULT_OPSET) -> Path:
+    """Export ``model`` (float32 or eager int8) to ``path`` as one ONNX graph; see the module docstring.
+
+    ``sample_image`` (3, H, W) or (1, 3, H, W), uint8 or float32, is what the graph is traced with: its dtype becomes
+    the graph's input dtype; any size works as H and W are dynamic. Returns ``path``.
+    """
+    image = _export_sample(sample_image)
+    wrapper = ExportableRCNN(model)
+    names = wrapper.output_names
+    dynamic_axes = {INPUT_NAME: {2: "height", 3: "width"}, **{name: {0: "detections"} for name in names}}
+    return export_graph(wrapper, (image,), path, [INPUT_NAME], list(names), dynamic_axes, opset,
+                        metadata=_metadata(model, image))
+
+
+def export_graph(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: str | Path,
+                 input_names: list[str], output_names: list[str], dynamic_axes: dict[str, dict[int, str]],
+                 opset: int = DEFAULT_OPSET, metadata: dict[str, str] | None = None) -> Path:
+    """Trace ``module`` (float, or eager int8 between QuantStub/DeQuantStub) in eval mode into an ONNX file.
+
+    The one place the exporter is configured: TorchScript-based (``dynamo=False``, for int8), constant folding, the
+    file checked with ``onnx.checker`` and written atomically, so a failed export leaves no file behind.
+    """
+    path = Path(path)
+    precision = model_precision(module)
+    with atomic_path(path) as tmp, eval_mode(module), torch.no_grad(), _expected_export_warnings_silenced():
+        traced = module
+        if precision == "int8":
+            # torch.onnx traces a quantized model itself first, with check_trace=True: two more runs of the model
+            # only to compare them. Traced here once, without the check; ONNX Runtime verification checks the file.
+            traced = torch.jit.trace(module, example_inputs, check_trace=False)
+        torch.onnx.export(traced, example_inputs, str(tmp), dynamo=False, opset_version=opset,
+                          input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
+                          do_constant_folding=True)
+        proto = onnx.load(str(tmp))
+        if metadata:
+            onnx.helper.set_model_props(proto, metadata)
+        try:
+            onnx.checker.check_model(proto, full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise ValueError(f"the ONNX graph exported for {path} fails onnx.checker: {str(exc)[:500]}") from exc
+        onnx.save(proto, str(tmp))
+    logger.info("wrote %s (%s, opset %d, %.1f MB)", path, precision, opset, path.stat().st_size / 2**20)
+    return path
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Eval mode inside, every submodule's own train/eval flag restored after (a fresh wrapper module is in train
+    mode, so restoring only the top-level flag would switch the wrapped model to training)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _export_sample(sample_image: torch.Tensor) -> torch.Tensor:
+    if not isinstance(sample_image, torch.Tensor):
+        raise TypeError(f"sample_image must be a torch.Tensor, got {type(sample_image).__name__}")
+    image = sample_image[None] if sample_image.dim() == 3 else sample_image
+    if image.dim() != 4 or image.shape[0] != 1 or image.shape[1] != 3:
+        raise ValueError(f"sample_image must be one RGB image (3, H, W) or (1, 3, H, W), got shape "
+                         f"{tuple(sample_image.shape)}")
+    if not (image.dtype == torch.uint8 or image.dtype == torch.float32):
+        raise ValueError(f"sample_image must be uint8 or float32 (the graph's input dtype), got {image.dtype}")
+    return image.cpu()
+
+
+def _metadata(model: GeneralizedRCNN, image: torch.Tensor) -> dict[str, str]:
+    """What a deployment needs to know about the graph, stored in the file itself."""
+    dtype = "uint8" if image.dtype == torch.uint8 else "float32"
+    return {
+        "fnl_version": fnl.__version__,
+        "precision": model_precision(model),
+        "input": f"image (1, 3, H, W) RGB {dtype}, resized to the test size; normalization and padding to a "
+                 f"multiple of {model.size_divisibility} are inside the graph",
+        "boxes": "XYXY in the input image's pixels; scale to the original image outside",
+    }
+
+
+@contextmanager
+def _expected_export_warnings_silenced() -> Iterator[None]:
+    """Silence what the exporter says on every export and is expected here, so that a TracerWarning (a Python
+    decision on a traced value, which would freeze the sample image's branch into the graph) stands out."""
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter is deliberate (int8, see the module docstring).
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.jit\.")
+        # An int8 model arrives traced (see export_graph); torch.onnx says so, and finds no Python signature.
+        warnings.filterwarnings("ignore", category=UserWarning, message="The input to trace is already a ScriptModule")
+        warnings.filterwarnings("ignore", category=UserWarning, message="no signature found for")
+        # Quantize modules read their own scale and zero point (buffers, constants of the graph) as Python numbers.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"torch\.ao\.nn\.quantized\.")
+        # torchvision's detection ops are written for tracing (its own ONNX tests run them): constants built with
+        # torch.tensor (0.5 in BoxCoder), torch.tensor(traced image size) in clip_boxes_to_image (stays dynamic,
+        # whatever the warning says), and batched_nms's size heuristic, which picks the same branch when tracing.
+        warnings.filterwarnings("ignore", category=UserWarning, message="To copy construct from a tensor")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"torchvision\.")
+        # Shape checks on static dimensions (image channels in normalize; RoI columns in torchvision's roi_align,
+        # through torch._assert): true for every input the graph accepts.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"fnl\.modeling\.meta_arch\Z")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"torch\Z")
+        yield

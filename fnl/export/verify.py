@@ -1,0 +1,209 @@
+"""Check an exported ONNX model against the PyTorch model it came from, image by image.
+
+Both run on the same resized images; outputs are compared in the input image's pixels. Detections are compared as
+sets: each PyTorch detection pairs with at most one ONNX Runtime detection of the same class (greedily, in PyTorch's
+score order). The DensePose head outputs are compared on the very same boxes: PyTorch's head is run again on the
+boxes ONNX Runtime returned. So near-tied scores that only reorder detections do not fail a correct export, while any
+real difference in boxes, scores or head outputs still does.
+
+- ``FLOAT32``: every detection pairs up (same count) with boxes and scores within 1e-3, head outputs within 1e-3.
+- ``INT8``: at least 95% of detections pair up at IoU >= 0.9; other differences are reported, not judged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fnl.export.onnx import ExportableRCNN, eval_mode
+from fnl.export.runtime import DENSEPOSE_OUTPUTS, OnnxPredictor
+from fnl.modeling import GeneralizedRCNN
+
+
+@dataclass(frozen=True)
+class Criteria:
+    """When an export passes. Detections pair up by coordinates (``box_atol``) or by overlap (``min_iou``);
+    a tolerance of None means that output is reported but not judged."""
+
+    name: str
+    box_atol: float | None = None
+    min_iou: float | None = None
+    score_atol: float | None = None
+    head_atol: float | None = None
+    min_matched: float = 1.0  # fraction of detections (of the larger of the two sets) that must pair up
+
+    def __post_init__(self) -> None:
+        if (self.box_atol is None) == (self.min_iou is None):
+            raise ValueError(f"criteria '{self.name}': set exactly one of box_atol and min_iou")
+        if not 0.0 <= self.min_matched <= 1.0:
+            raise ValueError(f"criteria '{self.name}': min_matched must be in [0, 1], got {self.min_matched}")
+
+    def pairing(self) -> str:
+        return f"max |box diff| <= {self.box_atol:g}" if self.box_atol is not None else f"IoU >= {self.min_iou:g}"
+
+
+FLOAT32 = Criteria("float32", box_atol=1e-3, score_atol=1e-3, head_atol=1e-3, min_matched=1.0)
+INT8 = Criteria("int8", min_iou=0.9, min_matched=0.95)
+
+
+@dataclass
+class DiffRow:
+    """One output over all images: how many values were compared, the largest absolute difference, and how many
+    values were beyond the tolerance (for ``detections``: detections left without a pair)."""
+
+    output: str
+    compared: int = 0
+    max_abs_diff: float | None = None
+    tolerance: float | None = None
+    failures: int = 0
+    passed: bool = True
+
+    def add(self, reference: np.ndarray, test: np.ndarray) -> None:
+        if reference.size == 0:
+            return
+        diff = np.abs(reference.astype(np.float64) - test.astype(np.float64))
+        self.compared += diff.size
+        self.max_abs_diff = max(self.max_abs_diff or 0.0, float(diff.max()))
+        if self.tolerance is not None:
+            self.failures += int((diff > self.tolerance).sum())
+            self.passed = self.failures == 0
+
+
+@dataclass
+class VerificationReport:
+    criteria: Criteria
+    rows: list[DiffRow]
+    images: int
+    torch_latency_ms: list[float] = field(default_factory=list)
+    onnx_latency_ms: list[float] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(row.passed for row in self.rows)
+
+    def table(self) -> str:
+        lines = [f"{'output':<12} {'compared':>9} {'max_abs_diff':>12} {'tolerance':>9} {'failures':>8}  result"]
+        for row in self.rows:
+            diff = "-" if row.max_abs_diff is None else f"{row.max_abs_diff:.3g}"
+            tolerance = "-" if row.tolerance is None else f"{row.tolerance:g}"
+            lines.append(f"{row.output:<12} {row.compared:>9} {diff:>12} {tolerance:>9} {row.failures:>8}  "
+                         f"{'pass' if row.passed else 'FAIL'}")
+        verdict = "PASSED" if self.passed else "FAILED"
+        lines.append(f"{verdict} ({self.criteria.name} criteria: detections paired at {self.criteria.pairing()}, "
+                     f"at least {self.criteria.min_matched:.0%} paired; {self.images} images)")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"criteria": asdict(self.criteria), "passed": self.passed, "images": self.images,
+                "rows": [asdict(row) for row in self.rows],
+                "latency_ms_p50": {"pytorch": _median(self.torch_latency_ms), "onnx": _median(self.onnx_latency_ms)}}
+
+
+def verify_onnx(model: GeneralizedRCNN, onnx_path: str | Path, images: Iterable[Any],
+                criteria: Criteria = FLOAT32, threads: int = 2) -> VerificationReport:
+    """Run ``model`` and the ONNX file on ``images`` ((3, H, W) RGB, already resized, tensors or arrays) and compare.
+
+    ``model`` is the one the file was exported from (float32, or the eager int8 model with ``INT8`` criteria).
+    """
+    predictor = OnnxPredictor(onnx_path, threads=threads)
+    wrapper = ExportableRCNN(model)
+    if tuple(predictor.output_names) != wrapper.output_names:
+        raise ValueError(f"{onnx_path} has outputs {predictor.output_names}, the model gives {wrapper.output_names}: "
+                         "was it exported from another model?")
+    comparison = _Comparison(criteria, predictor.has_densepose)
+    torch_ms, onnx_ms = [], []
+    with eval_mode(model), torch.no_grad():
+        for image in images:
+            image = torch.as_tensor(np.asarray(image))
+            start = time.perf_counter()
+            outputs = wrapper(image[None])
+            torch_ms.append(1000 * (time.perf_counter() - start))
+            reference = {name: t.cpu().numpy() for name, t in zip(wrapper.output_names, outputs, strict=True)}
+            start = time.perf_counter()
+            test = predictor.run_image(image.numpy())
+            onnx_ms.append(1000 * (time.perf_counter() - start))
+            on_test_boxes = reference  # PyTorch's heads already ran on these very boxes when they are equal
+            if predictor.has_densepose and not np.array_equal(reference["boxes"], test["boxes"]):
+                heads = wrapper.densepose_on_boxes(image[None], torch.from_numpy(test["boxes"]))
+                on_test_boxes = {name: t.cpu().numpy() for name, t in heads.items()}
+            comparison.add(reference, test, on_test_boxes)
+    return VerificationReport(criteria, comparison.finish(), len(torch_ms), torch_ms, onnx_ms)
+
+
+class _Comparison:
+    """The diff rows, filled image by image."""
+
+    def __init__(self, criteria: Criteria, densepose: bool) -> None:
+        self.criteria = criteria
+        self.detections = DiffRow("detections")
+        self.boxes = DiffRow("boxes", tolerance=criteria.box_atol)
+        self.scores = DiffRow("scores", tolerance=criteria.score_atol)
+        self.heads = [DiffRow(name, tolerance=criteria.head_atol) for name in DENSEPOSE_OUTPUTS] if densepose else []
+        self.paired = 0
+
+    def add(self, reference: dict[str, np.ndarray], test: dict[str, np.ndarray],
+            reference_on_test_boxes: dict[str, np.ndarray]) -> None:
+        """``reference_on_test_boxes``: PyTorch's head outputs on the boxes in ``test``."""
+        pairs = np.array(match_detections(reference["boxes"], reference["classes"], test["boxes"], test["classes"],
+                                          self.criteria), dtype=np.int64).reshape(-1, 2)
+        ref_index, test_index = pairs[:, 0], pairs[:, 1]
+        largest = max(len(reference["boxes"]), len(test["boxes"]))
+        self.paired += len(pairs)
+        self.detections.compared += largest
+        self.detections.failures += largest - len(pairs)
+        self.boxes.add(reference["boxes"][ref_index], test["boxes"][test_index])
+        self.scores.add(reference["scores"][ref_index], test["scores"][test_index])
+        for row in self.heads:
+            row.add(reference_on_test_boxes[row.output], test[row.output])
+
+    def finish(self) -> list[DiffRow]:
+        total = self.detections.compared
+        self.detections.passed = total == 0 or self.paired / total >= self.criteria.min_matched
+        return [self.detections, self.boxes, self.scores, *self.heads]
+
+
+def match_detections(ref_boxes: np.ndarray, ref_classes: np.ndarray, test_boxes: np.ndarray,
+                     test_classes: np.ndarray, criteria: Criteria) -> list[tuple[int, int]]:
+    """One-to-one pairs (reference index, test index) of the same class: in reference order, each detection takes
+    the closest unpaired test detection (smallest largest-coordinate difference, or highest IoU) within criteria."""
+    if len(ref_boxes) == 0 or len(test_boxes) == 0:
+        return []
+    if criteria.box_atol is not None:
+        cost = np.abs(ref_boxes[:, None, :].astype(np.float64) - test_boxes[None, :, :]).max(axis=-1)
+        allowed = cost <= criteria.box_atol
+    else:
+        iou = box_iou(ref_boxes, test_boxes)
+        cost = -iou
+        allowed = iou >= criteria.min_iou
+    allowed &= ref_classes[:, None] == test_classes[None, :]
+    pairs = []
+    free = np.ones(len(test_boxes), dtype=bool)
+    for i in range(len(ref_boxes)):
+        candidates = np.flatnonzero(allowed[i] & free)
+        if candidates.size:
+            j = int(candidates[np.argmin(cost[i, candidates])])
+            free[j] = False
+            pairs.append((i, j))
+    return pairs
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, 4) x (M, 4) XYXY -> (N, M) IoU."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    top_left = np.maximum(a[:, None, :2], b[None, :, :2])
+    bottom_right = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(bottom_right - top_left, 0, None).prod(axis=-1)
+    area_a = (a[:, 2:] - a[:, :2]).clip(0).prod(axis=-1)
+    area_b = (b[:, 2:] - b[:, :2]).clip(0).prod(axis=-1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def _median(values: list[float]) -> float | None:
+    return float(np.median(values)) if values else None

@@ -1,0 +1,113 @@
+"""The int8 path: eager torch.ao quantized modules export through the same functions as QDQ graphs.
+
+fnl.qat builds the real int8 model; here a toy with the kinds of quantized ops that model has, and an int8 island
+inside the float model B, stand for it.
+"""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from export_testing import EXPORT_SIZE, op_types, random_image, tiny_model
+from torch import nn
+from torch.ao import quantization as tq
+from torch.ao.nn.quantized import FloatFunctional
+from torch.nn import functional as F
+
+from fnl.export import INT8, export_graph, to_onnx, verify_onnx
+from fnl.export.onnx import default_onnx_name, model_precision
+
+# torch.ao eager quantization is what fnl.qat builds on; its deprecation notices are expected here.
+pytestmark = [pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions:UserWarning"),
+              pytest.mark.filterwarnings("ignore:Please use quant_min and quant_max:UserWarning")]
+
+
+class QuantizedOpsToy(nn.Module):
+    """Conv+BN+ReLU, depthwise conv, quantized add/cat/mul, max-pool, nearest resizing, a transposed conv and global
+    pooling: the op kinds of the quantized BiFPN, ASPP and DensePose predictor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = tq.QuantStub()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.add = FloatFunctional()
+        self.cat = FloatFunctional()
+        self.mul = FloatFunctional()
+        self.deconv = nn.ConvTranspose2d(16, 4, 4, stride=2, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dequant = tq.DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn(self.conv(self.quant(x))))
+        x = self.add.add(x, self.depthwise(x))
+        coarse = F.max_pool2d(x, kernel_size=1, stride=2)
+        x = self.cat.cat([x, F.interpolate(coarse, size=x.shape[-2:], mode="nearest")], dim=1)
+        x = self.deconv(x)
+        x = self.mul.mul(x, F.interpolate(self.pool(x), size=x.shape[-2:], mode="nearest"))
+        return self.dequant(x)
+
+
+@pytest.fixture
+def fbgemm_engine():
+    # torch 2.14's quantized ConvTranspose2d is wrong on the x86 and onednn engines (errors of ~100 quanta against
+    # conv_transpose2d on the dequantized tensors); fbgemm computes it right, as ONNX Runtime does.
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        pytest.skip("this PyTorch build has no fbgemm engine")
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "fbgemm"
+    yield
+    torch.backends.quantized.engine = previous
+
+
+def test_quantized_op_kinds_export_as_qdq_and_agree_with_onnx_runtime(tmp_path, fbgemm_engine):
+    torch.manual_seed(0)
+    toy = QuantizedOpsToy().eval()
+    tq.fuse_modules(toy, [["conv", "bn", "relu"]], inplace=True)
+    toy.qconfig = tq.get_default_qconfig("fbgemm")
+    # Quantized transposed convs take per-tensor weights only.
+    toy.deconv.qconfig = tq.QConfig(activation=toy.qconfig.activation, weight=tq.default_weight_observer)
+    tq.prepare(toy, inplace=True)
+    with torch.no_grad():
+        for _ in range(4):
+            toy(torch.randn(2, 3, 32, 40))
+    tq.convert(toy, inplace=True)
+    path = export_graph(toy, (torch.randn(1, 3, 32, 40),), tmp_path / "toy.onnx", ["x"], ["y"],
+                        {"x": {2: "height", 3: "width"}})
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv", "ConvTranspose"} <= op_types(onnx.load(str(path)).graph)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    quantum = toy.mul.scale
+    for shape in [(32, 40), (48, 56)]:
+        x = torch.randn(1, 3, *shape)
+        with torch.no_grad():
+            expected = toy(x).numpy()
+        (actual,) = session.run(None, {"x": x.numpy()})
+        # Requantization rounds differently in the two runtimes: a few quanta, no more.
+        assert actual.shape == expected.shape
+        assert np.abs(actual - expected).max() <= 3 * quantum
+
+
+def test_an_int8_part_of_the_model_exports_through_to_onnx_and_passes_int8_verification(tmp_path):
+    model = tiny_model()
+    box_head = model.roi_heads.box_head
+    tq.fuse_modules(box_head, [["conv1", "conv1_relu"], ["conv2", "conv2_relu"]], inplace=True)
+    island = nn.Sequential(tq.QuantStub(), box_head, tq.DeQuantStub())
+    island.qconfig = tq.get_default_qconfig(torch.backends.quantized.engine)
+    tq.prepare(island, inplace=True)
+    model.roi_heads.box_head = island
+    with torch.no_grad():  # calibrate on the model's own pooled features
+        model([{"image": random_image(*EXPORT_SIZE, seed=1)}])
+    tq.convert(island, inplace=True)
+    assert model_precision(model) == "int8" and default_onnx_name(model) == "model_int8.onnx"
+
+    path = to_onnx(model, tmp_path / default_onnx_name(model), random_image(*EXPORT_SIZE))
+    proto = onnx.load(str(path))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= op_types(proto.graph)
+    assert {p.key: p.value for p in proto.metadata_props}["precision"] == "int8"
+    report = verify_onnx(model, path, [random_image(*EXPORT_SIZE, seed=3)], INT8)
+    assert report.passed, report.table()
+    assert report.rows[0].compared == 5

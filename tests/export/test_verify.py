@@ -1,0 +1,51 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+from export_testing import EXPORT_SIZE, random_image
+
+from fnl.export.verify import FLOAT32, INT8, Criteria, match_detections, verify_onnx
+
+BOXES = np.array([[0, 0, 10, 10], [5, 5, 20, 30], [40, 40, 60, 80]], dtype=np.float32)
+CLASSES = np.zeros(3, dtype=np.int64)
+
+
+def test_detections_pair_up_whatever_their_order():
+    order = np.array([2, 0, 1])
+    pairs = match_detections(BOXES, CLASSES, BOXES[order] + 5e-4, CLASSES, FLOAT32)
+    assert sorted(pairs) == [(0, 1), (1, 2), (2, 0)]
+
+
+def test_float32_pairs_need_boxes_within_1e_3_and_the_same_class():
+    shifted = BOXES.copy()
+    shifted[1, 3] += 2e-3
+    assert match_detections(BOXES, CLASSES, shifted, CLASSES, FLOAT32) == [(0, 0), (2, 2)]
+    other_class = np.array([0, 1, 0])
+    assert match_detections(BOXES, CLASSES, BOXES, other_class, FLOAT32) == [(0, 0), (2, 2)]
+
+
+def test_int8_pairs_need_iou_of_0_9():
+    moved = BOXES.copy()
+    moved[0] += np.array([0.2, 0, 0.2, 0], dtype=np.float32)  # IoU 0.96
+    moved[2] += np.array([0, 4, 0, 4], dtype=np.float32)  # IoU 0.67
+    assert match_detections(BOXES, CLASSES, moved, CLASSES, INT8) == [(0, 0), (1, 1)]
+
+
+def test_criteria_pair_detections_one_way():
+    with pytest.raises(ValueError, match="set exactly one of box_atol and min_iou"):
+        Criteria("both", box_atol=1e-3, min_iou=0.9)
+
+
+def test_a_different_head_fails_verification_on_that_output_only(tiny_export):
+    # The export stands for a broken one: PyTorch's U head is shifted by 0.01 after export.
+    changed = copy.deepcopy(tiny_export.model)
+    with torch.no_grad():
+        changed.roi_heads.densepose_predictor.u_lowres.bias += 0.01
+    report = verify_onnx(changed, tiny_export.path, [random_image(*EXPORT_SIZE, seed=5)])
+    assert not report.passed
+    failed = {row.output for row in report.rows if not row.passed}
+    assert failed == {"u"}, report.table()
+    assert "FAIL" in report.table() and report.as_dict()["passed"] is False
+    u = next(row for row in report.rows if row.output == "u")
+    assert u.max_abs_diff == pytest.approx(0.01, abs=1e-3) and u.failures == u.compared
