@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import onnx
 import torch
 
@@ -37,3 +40,15 @@ def op_types(graph: onnx.GraphProto) -> set[str]:
             for subgraph in subgraphs:
                 types |= op_types(subgraph)
     return types
+
+
+@contextmanager
+def one_intra_op_thread() -> Iterator[None]:
+    """PyTorch on one thread: the two cores are shared with other jobs, and two OpenMP threads spin-waiting on busy
+    cores made these tests several times slower (as tests/hooks measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
