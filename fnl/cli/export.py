@@ -71,8 +71,8 @@ def _export(args: argparse.Namespace) -> int:
     report = verify_onnx(model, path, _verification_images(cfg, args), criteria, threads=args.threads)
     print(report.table())
     latency = report.as_dict()["latency_ms_p50"]
-    print(f"median latency per image: PyTorch {latency['pytorch']:.1f} ms, ONNX Runtime ({args.threads} threads) "
-          f"{latency['onnx']:.1f} ms")
+    print(f"median time per image in these runs (first runs, not a benchmark): PyTorch {latency['pytorch']:.1f} ms, "
+          f"ONNX Runtime ({args.threads} threads) {latency['onnx']:.1f} ms")
     if report.rows[0].compared == 0:
         print("note: no detections on the verification images, so only the counts were compared; "
               "verify on real images with --data")

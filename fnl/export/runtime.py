@@ -81,10 +81,11 @@ class OnnxPredictor:
     def __call__(self, batched_inputs: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
         results = []
         for item in batched_inputs:
-            outputs = self.run_image(item["image"])
-            height, width = np.asarray(item["image"]).shape[-2:]
+            pixels = np.asarray(item["image"])
+            outputs = self.run_image(pixels)
+            height, width = (int(n) for n in pixels.shape[-2:])
             original = (int(item.get("height", height)), int(item.get("width", width)))
-            results.append(to_model_output(outputs, (int(height), int(width)), original))
+            results.append(to_model_output(outputs, (height, width), original))
         return results
 
 

@@ -67,11 +67,15 @@ class DiffRow:
     def add(self, reference: np.ndarray, test: np.ndarray) -> None:
         if reference.size == 0:
             return
-        diff = np.abs(reference.astype(np.float64) - test.astype(np.float64))
+        reference, test = reference.astype(np.float64), test.astype(np.float64)
+        with np.errstate(invalid="ignore"):  # inf - inf: equal values count as no difference below
+            diff = np.where(reference == test, 0.0, np.abs(reference - test))
         self.compared += diff.size
-        self.max_abs_diff = max(self.max_abs_diff or 0.0, float(diff.max()))
+        previous = [] if self.max_abs_diff is None else [self.max_abs_diff]
+        self.max_abs_diff = float(np.max([*previous, diff.max()]))  # np.max keeps a NaN visible
         if self.tolerance is not None:
-            self.failures += int((diff > self.tolerance).sum())
+            # Written so that a NaN on either side counts as beyond the tolerance.
+            self.failures += int((~(diff <= self.tolerance)).sum())
             self.passed = self.failures == 0
 
 

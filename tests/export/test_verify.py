@@ -5,7 +5,7 @@ import pytest
 import torch
 from export_testing import EXPORT_SIZE, random_image
 
-from fnl.export.verify import FLOAT32, INT8, Criteria, match_detections, verify_onnx
+from fnl.export.verify import FLOAT32, INT8, Criteria, DiffRow, match_detections, verify_onnx
 
 BOXES = np.array([[0, 0, 10, 10], [5, 5, 20, 30], [40, 40, 60, 80]], dtype=np.float32)
 CLASSES = np.zeros(3, dtype=np.int64)
@@ -30,6 +30,14 @@ def test_int8_pairs_need_iou_of_0_9():
     moved[0] += np.array([0.2, 0, 0.2, 0], dtype=np.float32)  # IoU 0.96
     moved[2] += np.array([0, 4, 0, 4], dtype=np.float32)  # IoU 0.67
     assert match_detections(BOXES, CLASSES, moved, CLASSES, INT8) == [(0, 0), (1, 1)]
+
+
+def test_a_nan_is_a_failure_and_equal_infinities_are_not():
+    row = DiffRow("u", tolerance=1e-3)
+    row.add(np.array([1.0, np.inf, 2.0]), np.array([1.0005, np.inf, np.nan]))
+    assert row.compared == 3 and row.failures == 1 and not row.passed and np.isnan(row.max_abs_diff)
+    row.add(np.array([0.0]), np.array([0.5]))
+    assert np.isnan(row.max_abs_diff)
 
 
 def test_criteria_pair_detections_one_way():
