@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", help="dataset root (default: the embedded synthetic set)")
     parser.add_argument("--output", required=True, help="output directory")
     parser.add_argument("--iters", type=int, help="QAT iterations (QUANTIZATION.MAX_ITER)")
-    parser.add_argument("--backend", choices=["x86", "fbgemm", "qnnpack"], help="QUANTIZATION.BACKEND")
+    parser.add_argument("--backend", choices=["fbgemm", "x86", "qnnpack"], help="QUANTIZATION.BACKEND (default fbgemm)")
     parser.add_argument("--mode", choices=["qat", "ptq"], default="qat", help="QAT (default) or calibration only")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for the latency figures (default 2)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted QAT run in --output")

@@ -136,7 +136,9 @@ _C.TEST.EVAL_PERIOD = 0  # 0: evaluate only at the end of training
 _C.TEST.MAX_IMAGES = 0  # 0: the whole split
 
 _C.QUANTIZATION = CfgNode()
-_C.QUANTIZATION.BACKEND = "x86"  # "x86" | "fbgemm" (servers) | "qnnpack" (mobile ARM)
+# "fbgemm" (x86 servers/desktops) | "x86" | "qnnpack" (mobile ARM). On x86 and qnnpack the DensePose predictor stays
+# float: torch 2.14's quantized ConvTranspose2d is wrong there (see fnl.qat.quantize.TRANSPOSED_CONV_OK).
+_C.QUANTIZATION.BACKEND = "fbgemm"
 _C.QUANTIZATION.MODE = "qat"  # "qat": quantization-aware training | "ptq": calibration only
 # Modules (qualified names) kept in float on top of the islands every model has (RPN decoding, RoI pooling,
 # predictor outputs): their inputs are dequantized and their outputs quantized again.

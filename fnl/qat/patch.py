@@ -64,16 +64,17 @@ class DequantizeOutputs(nn.Module):
 
 
 class FloatIsland(nn.Module):
-    """Dequantizes the inputs, runs ``module`` in float, quantizes its (single tensor) output again."""
+    """Dequantizes the inputs, runs ``module`` in float, and quantizes its (single tensor) output again unless the
+    float result leaves the network (``quantize_output=False``)."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, quantize_output: bool = True) -> None:
         super().__init__()
         self.dequant = DeQuantStub()
         self.module = module
         self.module.qconfig = None  # never prepared or converted: it stays float
-        self.quant = QuantStub()
+        self.quant = QuantStub() if quantize_output else nn.Identity()
 
-    def forward(self, *args: Any) -> torch.Tensor:
+    def forward(self, *args: Any) -> Any:
         return self.quant(self.module(*map_tensors(self.dequant, args)))
 
 
@@ -155,8 +156,14 @@ def make_blocks_quantizable(root: nn.Module) -> int:
 
 
 def patch_for_quantization(model: nn.Module, float_modules: list[str] | tuple[str, ...] = (),
-                           inplace: bool = False) -> tuple[nn.Module, list[FloatIslandRecord]]:
-    """The quantizable model and the list of every float boundary in it."""
+                           inplace: bool = False, float_predictor: bool = False
+                           ) -> tuple[nn.Module, list[FloatIslandRecord]]:
+    """The quantizable model and the list of every float boundary in it.
+
+    ``float_predictor`` keeps the DensePose predictor (four transposed convs) in float: torch 2.14's quantized
+    ConvTranspose2d computes wrong values on the x86 / onednn engines and on qnnpack with padding (fnl.qat.quantize
+    turns it on for those backends; fbgemm is correct).
+    """
     if not inplace:
         model = copy.deepcopy(model)
     islands: list[FloatIslandRecord] = []
@@ -187,9 +194,14 @@ def patch_for_quantization(model: nn.Module, float_modules: list[str] | tuple[st
     if roi.densepose_on:
         roi.densepose_pooler = FloatIsland(roi.densepose_pooler)
         islands.append(FloatIslandRecord("roi_heads.densepose_pooler", "float island", "RoIAlign pools float features"))
-        roi.densepose_predictor = DequantizeOutputs(roi.densepose_predictor)
-        islands.append(FloatIslandRecord("roi_heads.densepose_predictor", "dequantize outputs",
-                                         "segmentation and U/V are post-processed in float"))
+        if float_predictor:
+            roi.densepose_predictor = FloatIsland(roi.densepose_predictor, quantize_output=False)
+            islands.append(FloatIslandRecord("roi_heads.densepose_predictor", "float island",
+                                             "quantized ConvTranspose2d is wrong on this backend in torch 2.14"))
+        else:
+            roi.densepose_predictor = DequantizeOutputs(roi.densepose_predictor)
+            islands.append(FloatIslandRecord("roi_heads.densepose_predictor", "dequantize outputs",
+                                             "segmentation and U/V are post-processed in float"))
     rpn = model.proposal_generator
     rpn.rpn_head = DequantizeOutputs(rpn.rpn_head)
     islands.append(FloatIslandRecord("proposal_generator.rpn_head", "dequantize outputs",

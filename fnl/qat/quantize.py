@@ -38,6 +38,9 @@ from fnl.qat.patch import FloatIslandRecord, patch_for_quantization
 logger = logging.getLogger("fnl")
 
 BACKENDS = ("x86", "fbgemm", "qnnpack")
+# Engines whose quantized ConvTranspose2d is correct in torch 2.14 (x86/onednn: ~100 quanta off; qnnpack: wrong with
+# padding; measured against conv_transpose2d on the dequantized tensors).
+TRANSPOSED_CONV_OK = ("fbgemm",)
 MODES = ("qat", "ptq")
 
 
@@ -80,7 +83,8 @@ def prepare(float_model: nn.Module, cfg: CfgNode, mode: str | None = None,
     backend = cfg.QUANTIZATION.BACKEND
     select_backend(backend)
     qat = mode == "qat"
-    patched, stages.islands = patch_for_quantization(float_model, cfg.QUANTIZATION.FLOAT_MODULES)
+    patched, stages.islands = patch_for_quantization(float_model, cfg.QUANTIZATION.FLOAT_MODULES,
+                                                     float_predictor=backend not in TRANSPOSED_CONV_OK)
     stages.hook_audits["patch"] = audit_hooks(patched)
     # QAT fuses into train-mode ConvBn modules (BN keeps learning); PTQ folds BN into the conv weights.
     patched.train(qat)
