@@ -79,13 +79,16 @@ def ensure_dataset(data: str | None) -> str:
     if data:
         resolve_split(data, "val")  # fails with the missing path named
         return data
+    from fnl.data.synthetic import generate_synthetic_dataset
+    from fnl.data.synthetic.generate import GENERATOR_VERSION
+
     root = default_dataset_root()
     info = root / "synth_info.json"
     if info.is_file():
         recorded = json.loads(info.read_text())
-        if all(recorded.get(k) == v for k, v in DEFAULT_SYNTHETIC.items()):
+        expected = {**DEFAULT_SYNTHETIC, "version": GENERATOR_VERSION}
+        if all(recorded.get(k) == v for k, v in expected.items()):
             return str(root)
-    from fnl.data.synthetic import generate_synthetic_dataset
 
     generate_synthetic_dataset(root, workers=min(2, os.cpu_count() or 1), force=True, **DEFAULT_SYNTHETIC)
     return str(root)
