@@ -75,7 +75,10 @@ class FloatIsland(nn.Module):
         self.quant = QuantStub() if quantize_output else nn.Identity()
 
     def forward(self, *args: Any) -> Any:
-        return self.quant(self.module(*map_tensors(self.dequant, args)))
+        # Only quantized inputs: the poolers also take float boxes. Dequantizing a float tensor is a no-op in eager
+        # PyTorch, but the ONNX exporter reads every dequantize as one and fails on the boxes.
+        inputs = map_tensors(lambda t: self.dequant(t) if t.is_quantized else t, args)
+        return self.quant(self.module(*inputs))
 
 
 # Call order of the children of timm's residual blocks (timm/models/_efficientnet_blocks.py), skip add excluded.
