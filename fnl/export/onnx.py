@@ -11,6 +11,14 @@ Anchors, proposal decoding, per-level top-k and NMS, and multi-level RoIAlign ar
 (Range, TopK, NonMaxSuppression, RoiAlign, ScatterElements). The TorchScript-based exporter (``dynamo=False``) is
 used on purpose: it is the one that exports eager int8 models (torch.ao quantized modules between
 QuantStub/DeQuantStub) as QuantizeLinear/DequantizeLinear around Conv; the dynamo exporter refuses them.
+
+Two things the TorchScript exporter cannot do by itself for fnl's int8 models, handled while exporting only:
+- it traces a quantized model with ``torch.jit.trace``, which compiles the forward hooks of torch.ao's quantized
+  modules (they have TorchScript-exported methods) and fails on timm's feature taps (``functools.partial`` hooks on
+  ``conv_pwl``). The hooks are lent to plain wrapper modules while tracing (``_hooks_lent_to_wrappers``): hooks of
+  plain modules run in Python during the trace and are recorded like any other op.
+- it has no ONNX symbolic for ``quantized::mul_scalar`` (the BiFPN's fusion weights on int8 tensors); one is
+  registered for the duration of the export (``_quantized_mul_scalar``).
 """
 
 from __future__ import annotations
@@ -18,15 +26,18 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
 from torch import nn
+from torch.onnx import symbolic_helper
 
 import fnl
 from fnl.export.runtime import BOX_OUTPUTS, DENSEPOSE_OUTPUTS, INPUT_NAME
+from fnl.hooks.registry import HOOK_KINDS, has_forward_hooks
 from fnl.modeling import GeneralizedRCNN
 from fnl.utils.io import atomic_path
 
@@ -102,14 +113,18 @@ def export_graph(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], pa
     path = Path(path)
     precision = model_precision(module)
     with atomic_path(path) as tmp, eval_mode(module), torch.no_grad(), _expected_export_warnings_silenced():
-        traced = module
-        if precision == "int8":
-            # torch.onnx traces a quantized model itself first, with check_trace=True: two more runs of the model
-            # only to compare them. Traced here once, without the check; ONNX Runtime verification checks the file.
-            traced = torch.jit.trace(module, example_inputs, check_trace=False)
-        torch.onnx.export(traced, example_inputs, str(tmp), dynamo=False, opset_version=opset,
-                          input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
-                          do_constant_folding=True)
+        with ExitStack() as int8_support:
+            traced = module
+            if precision == "int8":
+                int8_support.enter_context(_quantized_symbolics_registered(opset))
+                # torch.onnx traces a quantized model itself first, with check_trace=True: two more runs of the
+                # model only to compare them. Traced here once, without the check; ONNX Runtime verification checks
+                # the file.
+                with _hooks_lent_to_wrappers(module):
+                    traced = torch.jit.trace(module, example_inputs, check_trace=False)
+            torch.onnx.export(traced, example_inputs, str(tmp), dynamo=False, opset_version=opset,
+                              input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
+                              do_constant_folding=True)
         proto = onnx.load(str(tmp))
         if metadata:
             onnx.helper.set_model_props(proto, metadata)
@@ -120,6 +135,89 @@ def export_graph(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], pa
         onnx.save(proto, str(tmp))
     logger.info("wrote %s (%s, opset %d, %.1f MB)", path, precision, opset, path.stat().st_size / 2**20)
     return path
+
+
+class HookCarrier(nn.Module):
+    """Calls ``module``; while exporting it holds the forward hooks of ``module`` (see ``_hooks_lent_to_wrappers``).
+    Its hooks see the carrier as their module argument: timm's feature taps ignore it."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+
+# The dictionaries where torch keeps a module's forward hooks and their flags (fnl.hooks.registry reads the same).
+_HOOK_DICTIONARIES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                      "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def _swap_hook_dictionaries(a: nn.Module, b: nn.Module) -> None:
+    """Exchange the hook dictionaries themselves (not their entries): the hooks keep their handle ids, and the
+    handles their owners hold (timm's ``FeatureHooks._handles``) keep pointing at the dictionaries that hold them."""
+    for name in _HOOK_DICTIONARIES:
+        a_hooks, b_hooks = getattr(a, name), getattr(b, name)
+        setattr(a, name, b_hooks)
+        setattr(b, name, a_hooks)
+
+
+@contextmanager
+def _hooks_lent_to_wrappers(root: nn.Module) -> Iterator[None]:
+    """Inside, every module that ``torch.jit.trace`` would script (one with TorchScript-exported methods, as
+    torch.ao's quantized modules have) and that has forward hooks is replaced in ``root`` by a ``HookCarrier``
+    holding its hooks; after, the model is exactly as before (same module instances, same hook handles)."""
+    lent: list[tuple[nn.Module, str, nn.Module, HookCarrier]] = []
+    try:
+        for name, module in list(root.named_modules()):
+            hooked = any(has_forward_hooks(module, kind) for kind in HOOK_KINDS)
+            if not (hooked and torch._jit_internal.module_has_exports(module)):
+                continue
+            parent_name, _, child_name = name.rpartition(".")
+            parent = root.get_submodule(parent_name)
+            carrier = HookCarrier(module)
+            _swap_hook_dictionaries(module, carrier)
+            setattr(parent, child_name, carrier)
+            lent.append((parent, child_name, module, carrier))
+        yield
+    finally:
+        for parent, child_name, module, carrier in reversed(lent):
+            _swap_hook_dictionaries(module, carrier)
+            setattr(parent, child_name, module)
+
+
+@symbolic_helper.parse_args("v", "f")
+def _quantized_mul_scalar(g: Any, quantized: Any, factor: float) -> Any:
+    """ONNX for ``quantized::mul_scalar`` as PyTorch computes it: the integers stay, the scale is multiplied by the
+    factor (a factor of 0 gives zeros at scale 1, zero point 0). Negative factors, which flip the zero point, never
+    occur in fnl's models (BiFPN fusion weights are normalized ReLU outputs) and are refused."""
+    if factor < 0:
+        raise ValueError(f"exporting a quantized multiply by a negative scalar ({factor}) is not supported")
+    value, scale, zero_point, _ = symbolic_helper.dequantize_helper(g, quantized)
+    factor_value = g.op("Constant", value_t=torch.tensor(factor, dtype=torch.float32))
+    product = g.op("Mul", value, factor_value)
+    if factor == 0:
+        scale = g.op("Constant", value_t=torch.tensor(1.0, dtype=torch.float32))
+        zero_point = g.op("Constant", value_t=torch.tensor(0, dtype=torch.uint8))
+    else:
+        scale = g.op("Mul", scale, factor_value)
+    return symbolic_helper.quantize_helper(g, product, scale, zero_point)
+
+
+_QUANTIZED_SYMBOLICS = {"quantized::mul_scalar": _quantized_mul_scalar}
+
+
+@contextmanager
+def _quantized_symbolics_registered(opset: int) -> Iterator[None]:
+    """The symbolics above, registered through torch.onnx's public extension point for this export only."""
+    for name, symbolic in _QUANTIZED_SYMBOLICS.items():
+        torch.onnx.register_custom_op_symbolic(name, symbolic, opset)
+    try:
+        yield
+    finally:
+        for name in _QUANTIZED_SYMBOLICS:
+            torch.onnx.unregister_custom_op_symbolic(name, opset)
 
 
 @contextmanager
@@ -177,6 +275,9 @@ def _expected_export_warnings_silenced() -> Iterator[None]:
         # whatever the warning says), and batched_nms's size heuristic, which picks the same branch when tracing.
         warnings.filterwarnings("ignore", category=UserWarning, message="To copy construct from a tensor")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"torchvision\.")
+        # On int8 tensors the BiFPN's fusion weights (parameters: constants of the graph) scale through Python floats.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"fnl\.modeling\.necks\Z",
+                                message="Converting a tensor to a Python float")
         # Shape checks on static dimensions (image channels in normalize; RoI columns in torchvision's roi_align,
         # through torch._assert): true for every input the graph accepts.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"fnl\.modeling\.meta_arch\Z")
