@@ -1,0 +1,159 @@
+"""``export_and_report``: the float32 and int8 models of a fnl-quantize run as ONNX, verified, next to ONNX Runtime's
+own static PTQ, in one size / AP / FPS report.
+
+From ``quantize_dir`` (``model_fp32.pth``, ``model_int8.pth``) it writes into ``export_dir``:
+- ``model_fp32.onnx`` and ``model_int8.onnx`` (``fnl.export.to_onnx``), each verified against the PyTorch model it
+  came from (``FLOAT32`` / ``INT8`` criteria on the first test images; box and DensePose AP on the test split);
+- ``model_ort_ptq.onnx``: ONNX Runtime's ``quantize_static`` of the float graph, calibrated on training images (the
+  peer our QAT int8 export is measured against);
+- ``report.json`` / ``report.md`` / ``report.png`` (DESIGN.md's layout) with five rows measured the same way
+  (``fnl.engine.benchmark.measure``: the test split, batch 1, ``threads`` CPU threads): PyTorch float32, PyTorch
+  int8, ONNX float32, ONNX int8, ONNX int8 (ORT static PTQ). The verification results are in ``report.json`` under
+  ``"verification"``; a failed verification is reported there and logged, it does not stop the report.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fnl.config import CfgNode
+from fnl.engine.benchmark import measure
+from fnl.export.onnx import DEFAULT_OPSET, to_onnx
+from fnl.export.ort_quantize import ort_static_ptq
+from fnl.export.report import ReportRow, file_megabytes, write_report
+from fnl.export.runtime import OnnxPredictor
+from fnl.export.verify import FLOAT32, INT8, Criteria, VerificationReport, ap_rows, verify_onnx
+
+logger = logging.getLogger("fnl")
+
+FLOAT_CHECKPOINT, INT8_CHECKPOINT = "model_fp32.pth", "model_int8.pth"
+FLOAT_ONNX, INT8_ONNX, ORT_PTQ_ONNX = "model_fp32.onnx", "model_int8.onnx", "model_ort_ptq.onnx"
+OUTPUTS = (FLOAT_ONNX, INT8_ONNX, ORT_PTQ_ONNX, "report.json", "report.md", "report.png")
+ORT_PTQ_ROW = "ONNX int8 (ORT static PTQ)"
+
+
+def export_and_report(quantize_dir: str | Path, export_dir: str | Path, data_root: str | Path, threads: int = 2,
+                      input_size: int | None = None, verify_images: int = 8, calibration_images: int = 16,
+                      opset: int = DEFAULT_OPSET) -> dict[str, Any]:
+    """Export, verify, quantize with ONNX Runtime and measure; returns the ``report.json`` document.
+
+    ``input_size`` (the test images' shortest side) defaults to the float model's ``INPUT.MIN_SIZE_TEST``.
+    ``verify_images`` test images are compared output by output; ``calibration_images`` training images calibrate
+    ONNX Runtime's quantization. ``threads``: PyTorch and ONNX Runtime intra-op threads for every row.
+    """
+    quantize_dir, export_dir = Path(quantize_dir), Path(export_dir)
+    float_checkpoint, int8_checkpoint = quantize_dir / FLOAT_CHECKPOINT, quantize_dir / INT8_CHECKPOINT
+    for checkpoint in (float_checkpoint, int8_checkpoint):
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"{checkpoint} not found: {quantize_dir} is not a fnl-quantize output directory "
+                                    f"(it needs {FLOAT_CHECKPOINT} and {INT8_CHECKPOINT})")
+    if verify_images < 1 or calibration_images < 1:
+        raise ValueError(f"verify_images and calibration_images must be at least 1, got {verify_images} and "
+                         f"{calibration_images}")
+    from fnl.cli.common import load_model_for_inference
+
+    overrides = ["DATASETS.ROOT", str(data_root), "MODEL.DEVICE", "cpu"]
+    if input_size is not None:
+        overrides += ["INPUT.MIN_SIZE_TEST", str(input_size)]
+    with _torch_threads(threads):
+        float_model, cfg = load_model_for_inference(str(float_checkpoint), None, overrides)
+        int8_model, _ = load_model_for_inference(str(int8_checkpoint), None, overrides)
+        mode = _int8_mode(int8_checkpoint)
+        test_images = _images(cfg, cfg.DATASETS.TEST[0], verify_images)
+        float_onnx = to_onnx(float_model, export_dir / FLOAT_ONNX, test_images[0], opset)
+        int8_onnx = to_onnx(int8_model, export_dir / INT8_ONNX, test_images[0], opset)
+        calibration = _images(cfg, cfg.DATASETS.TRAIN[0], calibration_images)
+        ort_ptq_onnx = ort_static_ptq(float_onnx, export_dir / ORT_PTQ_ONNX, calibration)
+        verification = {FLOAT_ONNX: verify_onnx(float_model, float_onnx, test_images, FLOAT32, threads),
+                        INT8_ONNX: verify_onnx(int8_model, int8_onnx, test_images, INT8, threads)}
+
+        def onnx_row(name: str, precision: str, method: str, path: Path) -> tuple[ReportRow, dict]:
+            return measure(name, "onnx", precision, method, OnnxPredictor(path, threads), cfg, file_megabytes(path))
+
+        torch_float, float_results = measure("PyTorch float32", "pytorch", "float32", "float", float_model, cfg,
+                                             file_megabytes(float_checkpoint))
+        torch_int8, int8_results = measure(f"PyTorch int8 ({mode.upper()})", "pytorch", "int8", mode, int8_model,
+                                           cfg, file_megabytes(int8_checkpoint))
+        onnx_float, onnx_float_results = onnx_row("ONNX float32", "float32", "float", float_onnx)
+        onnx_int8, onnx_int8_results = onnx_row(f"ONNX int8 ({mode.upper()})", "int8", mode, int8_onnx)
+        ort_ptq, _ = onnx_row(ORT_PTQ_ROW, "int8", "ort-static-ptq", ort_ptq_onnx)
+    _add_ap_rows(verification[FLOAT_ONNX], float_results, onnx_float_results, FLOAT32)
+    _add_ap_rows(verification[INT8_ONNX], int8_results, onnx_int8_results, INT8)
+    for name, report in verification.items():
+        log = logger.info if report.passed else logger.warning
+        log("verification of %s against PyTorch:\n%s", name, report.table())
+
+    rows = [torch_float, torch_int8, onnx_float, onnx_int8, ort_ptq]
+    notes = _notes(rows, verification, cfg, threads, len(calibration))
+    extra = {"verification": {name: report.as_dict() for name, report in verification.items()},
+             "onnx": {"opset": opset, "files": {FLOAT_ONNX: torch_float.name, INT8_ONNX: torch_int8.name,
+                                                        ORT_PTQ_ONNX: ORT_PTQ_ROW}}}
+    return write_report(export_dir, rows, cfg.INPUT.MIN_SIZE_TEST, threads,
+                        "fnl-export: PyTorch and ONNX Runtime, float32 and int8", notes, extra)
+
+
+def verification_passed(document: dict[str, Any]) -> bool:
+    """Whether every export in a ``report.json`` document of ``export_and_report`` passed its verification."""
+    return all(result["passed"] for result in document["verification"].values())
+
+
+def _add_ap_rows(report: VerificationReport, reference: dict, test: dict, criteria: Criteria) -> None:
+    report.rows.extend(ap_rows(reference, test, criteria))
+
+
+def _int8_mode(path: Path) -> str:
+    """"qat" or "ptq", as fnl-quantize recorded it in the int8 checkpoint."""
+    from fnl.engine.checkpoint import read_checkpoint
+
+    return str(read_checkpoint(path)["quantization"]["mode"])
+
+
+def _images(cfg: CfgNode, split: str, count: int) -> list[torch.Tensor]:
+    """The first ``count`` images of ``split``, resized as for evaluation (what the exported graph takes)."""
+    from fnl.data import build_test_loader
+
+    limited = cfg.clone()  # an unfrozen copy
+    limited.TEST.MAX_IMAGES = count
+    return [item["image"] for batch in build_test_loader(limited, split) for item in batch]
+
+
+@contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> str:
+    return f"{numerator / denominator:.2f}x" if numerator and denominator else "-"
+
+
+def _notes(rows: list[ReportRow], verification: dict[str, VerificationReport], cfg: CfgNode, threads: int,
+           calibration_images: int) -> list[str]:
+    onnx_float = next(row for row in rows if row.format == "onnx" and row.precision == "float32")
+    against_onnx = ", ".join(
+        f"`{row.name}` {_ratio(onnx_float.size_mb, row.size_mb)} smaller, "
+        f"{_ratio(onnx_float.latency_ms_p50, row.latency_ms_p50)} faster"
+        for row in rows if row.format == "onnx" and row.precision == "int8")
+    tables = "\n\n".join(f"`{name}`:\n\n```\n{report.table()}\n```" for name, report in verification.items())
+    return [
+        f"Against `{onnx_float.name}` (same runtime): {against_onnx}.",
+        f"PyTorch rows run with {threads} intra-op thread(s), ONNX rows in ONNX Runtime's CPU provider with "
+        f"{threads} intra-op thread(s); test split `{cfg.DATASETS.TEST[0]}` of `{cfg.DATASETS.ROOT}`.",
+        f"`{ORT_PTQ_ONNX}`: ONNX Runtime `quantize_static` of `{FLOAT_ONNX}` (QDQ, per-channel int8 weights, uint8 "
+        f"activations, min/max calibration on {calibration_images} `{cfg.DATASETS.TRAIN[0]}` images), over the "
+        "regions fnl.qat runs in int8; detection glue (proposal decoding, NMS, RoIAlign) stays float.",
+        "Verification against the PyTorch model each file was exported from (detections and DensePose outputs on "
+        "the first test images, AP on the test split; also in report.json under `verification`):\n\n" + tables,
+    ]
