@@ -1,9 +1,21 @@
-"""fnl-export --ckpt model.pth [--config FILE] --format onnx --output DIR [--verify [--data DIR]] [KEY VALUE ...]
+"""fnl-export: a float32 or int8 checkpoint as one ONNX graph, checked and compared with PyTorch.
 
-Writes DIR/model_fp32.onnx: the whole model as one ONNX graph (input: one RGB uint8 image, already resized so its
-shortest side is the test size; outputs: boxes in that image, scores, classes, DensePose head outputs), checked with
-onnx.checker. --verify then runs PyTorch and ONNX Runtime on the same images, prints the per-output differences and
-exits with status 1 when they are beyond the float32 criteria (see fnl.export.verify).
+  fnl-export --ckpt model.pth|model_int8.pth [--config FILE] --format onnx --output DIR [--verify [--data DIR]]
+  fnl-export --from-quantize QDIR --format onnx --output DIR [--data DIR] [--threads N] [--input-size S]
+
+--ckpt writes DIR/model_fp32.onnx (float checkpoint) or DIR/model_int8.onnx (int8 checkpoint written by
+fnl-quantize: QuantizeLinear/DequantizeLinear around the int8 convs): the whole model as one ONNX graph (input: one
+RGB uint8 image, already resized so its shortest side is the test size; outputs: boxes in that image, scores,
+classes, DensePose head outputs), checked with onnx.checker. --verify then runs PyTorch and ONNX Runtime on the same
+images and prints the per-output differences; it exits with status 1 when they are beyond the criteria
+(fnl.export.verify): float32 -- every detection within 1e-3; int8 -- at least 95% of the detections paired at
+IoU >= 0.9 and, with --data, box and DensePose AP on the test split within 0.5 of the PyTorch int8 model's.
+
+--from-quantize takes a fnl-quantize output directory (model_fp32.pth, model_int8.pth) and writes into DIR
+model_fp32.onnx, model_int8.onnx, model_ort_ptq.onnx (ONNX Runtime's own static PTQ of the float graph, calibrated on
+training images) and the size / AP / FPS report report.json, report.md, report.png with five rows: PyTorch float32,
+PyTorch int8, ONNX float32, ONNX int8, ONNX int8 (ORT static PTQ). Both exports are always verified; the command
+exits with status 1 if either verification fails (the report is written either way).
 """
 
 from __future__ import annotations
@@ -16,6 +28,8 @@ from fnl.cli.common import add_config_arguments, config_from_args, ensure_dir, r
 from fnl.config import CfgNode
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
     from fnl.modeling import GeneralizedRCNN
@@ -24,18 +38,26 @@ if TYPE_CHECKING:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fnl-export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="model checkpoint (.pth)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help="model checkpoint (.pth): float, or int8 from fnl-quantize")
+    source.add_argument("--from-quantize", metavar="QDIR",
+                        help="fnl-quantize output directory: export its float32 and int8 models and write the report")
     parser.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default onnx)")
     parser.add_argument("--output", required=True, help="output directory")
-    parser.add_argument("--verify", action="store_true", help="compare the export with PyTorch; exit 1 on failure")
-    parser.add_argument("--data", help="dataset root whose test split (DATASETS.TEST[0]) --verify runs on "
-                                       "(default: synthetic images)")
+    parser.add_argument("--verify", action="store_true", help="compare the export with PyTorch; exit 1 on failure "
+                                                              "(always done with --from-quantize)")
+    parser.add_argument("--data", help="dataset root whose test split (DATASETS.TEST[0]) --verify runs on (default: "
+                                       "synthetic images); with --from-quantize, the dataset the report is measured "
+                                       "on (default: the embedded synthetic set)")
     parser.add_argument("--verify-images", type=int, default=8, help="images --verify runs on (default 8)")
+    parser.add_argument("--calibration-images", type=int, default=16,
+                        help="training images calibrating ONNX Runtime's static PTQ (--from-quantize; default 16)")
     parser.add_argument("--input-size", type=int, help="test size, the images' shortest side (INPUT.MIN_SIZE_TEST; "
                                                        "default: the config's)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads for --verify (default 2)")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="ONNX Runtime (and, for the report, PyTorch) threads (default 2)")
+    parser.add_argument("--force", action="store_true", help="overwrite existing output files")
     parser.add_argument("--unsafe-load", action="store_true",
                         help="load a checkpoint holding arbitrary pickled objects (only from a trusted source)")
     add_config_arguments(parser, required=False)
@@ -53,6 +75,8 @@ def _export(args: argparse.Namespace) -> int:
         raise ValueError(f"--input-size must be at least 32, got {args.input_size}")
     if args.verify_images < 1:
         raise ValueError(f"--verify-images must be at least 1, got {args.verify_images}")
+    if args.from_quantize:
+        return _export_and_report(args)
     cfg = _config(args)
     model = _load_model(cfg, args.ckpt, args.unsafe_load)
     path = ensure_dir(args.output) / default_onnx_name(model)
@@ -65,10 +89,12 @@ def _export(args: argparse.Namespace) -> int:
     if not args.verify:
         return 0
 
-    from fnl.export.verify import FLOAT32, INT8, verify_onnx
+    from fnl.export.verify import FLOAT32, INT8, ap_rows, verify_onnx
 
     criteria = INT8 if model_precision(model) == "int8" else FLOAT32
     report = verify_onnx(model, path, _verification_images(cfg, args), criteria, threads=args.threads)
+    if args.data and criteria.ap_tolerance is not None:
+        report.rows.extend(ap_rows(*_test_split_results(model, path, _data_config(cfg, args.data), args), criteria))
     print(report.table())
     latency = report.as_dict()["latency_ms_p50"]
     print(f"median time per image in these runs (first runs, not a benchmark): PyTorch {latency['pytorch']:.1f} ms, "
@@ -93,16 +119,41 @@ def _config(args: argparse.Namespace) -> CfgNode:
     return cfg
 
 
+def _export_and_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fnl.cli.common import ensure_dataset
+    from fnl.export.pipeline import OUTPUTS, export_and_report, verification_passed
+    from fnl.utils.io import refuse_overwrite
+
+    if args.config or args.opts:
+        raise ValueError("--from-quantize uses the configs stored in its checkpoints: drop --config and KEY VALUE "
+                         "overrides (use --input-size and --data)")
+    output = Path(args.output)
+    for name in OUTPUTS:
+        refuse_overwrite(output / name, args.force)
+    document = export_and_report(args.from_quantize, output, ensure_dataset(args.data), threads=args.threads,
+                                 input_size=args.input_size, verify_images=args.verify_images,
+                                 calibration_images=args.calibration_images, opset=args.opset)
+    print((output / "report.md").read_text())
+    print(f"report: {output / 'report.json'}")
+    return 0 if verification_passed(document) else 1
+
+
 def _load_model(cfg: CfgNode, ckpt: str, allow_unsafe: bool) -> GeneralizedRCNN:
-    """The float model with every tensor from ``ckpt``: an export must not carry initialisation weights."""
+    """The float model with every tensor from ``ckpt`` (an export must not carry initialisation weights), or the
+    int8 model of an int8 checkpoint (rebuilt from the config stored in it)."""
     from fnl.engine.checkpoint import CheckpointError, load_state, read_checkpoint
     from fnl.modeling import build_model
+    from fnl.qat.serialization import is_int8_checkpoint, load_int8_checkpoint
 
     data = read_checkpoint(ckpt, allow_unsafe)
+    if is_int8_checkpoint(data):
+        int8_model, _ = load_int8_checkpoint(ckpt, allow_unsafe)
+        return int8_model
     if any(key.endswith(".zero_point") for key in data["model"]):
-        raise CheckpointError(f"checkpoint {ckpt} holds a quantized (QAT or int8) model; this command builds float "
-                              "models only for now: export the int8 model from Python with "
-                              "fnl.export.to_onnx(model, path, sample_image)")
+        raise CheckpointError(f"checkpoint {ckpt} holds a QAT (fake-quantized) training state, not an int8 model: "
+                              "export the model_int8.pth that fnl-quantize writes")
     model = build_model(cfg)
     report = load_state(model, ckpt, allow_unsafe, data=data)
     missing = [key for key in report.missing if not key.endswith("num_batches_tracked")]
@@ -121,14 +172,35 @@ def _verification_images(cfg: CfgNode, args: argparse.Namespace) -> list[torch.T
     if args.data:
         from fnl.data import build_test_loader
 
-        data_cfg = cfg.clone()
-        data_cfg.merge_from_list(["DATASETS.ROOT", args.data, "TEST.MAX_IMAGES", str(args.verify_images)])
+        data_cfg = _data_config(cfg, args.data)
+        data_cfg.TEST.MAX_IMAGES = args.verify_images
         return [item["image"] for batch in build_test_loader(data_cfg, data_cfg.DATASETS.TEST[0]) for item in batch]
     size = cfg.INPUT.MIN_SIZE_TEST
     shapes = [(size, size), (size, size * 4 // 3), (size, size * 3 // 2 + 5), (size * 4 // 3 + 7, size)]
     generator = torch.Generator().manual_seed(1)
     return [torch.randint(0, 256, (3, *shapes[k % len(shapes)]), dtype=torch.uint8, generator=generator)
             for k in range(args.verify_images)]
+
+
+def _data_config(cfg: CfgNode, data: str) -> CfgNode:
+    """``cfg`` (unfrozen copy) reading the dataset under ``data``."""
+    data_cfg = cfg.clone()
+    data_cfg.DATASETS.ROOT = data
+    return data_cfg
+
+
+def _test_split_results(model: GeneralizedRCNN, onnx_path: Path, cfg: CfgNode, args: argparse.Namespace
+                        ) -> tuple[dict, dict]:
+    """Evaluator results of the PyTorch model and of its export on the test split (the same evaluator for both)."""
+    from fnl.engine.benchmark import measure
+    from fnl.export.onnx import model_precision
+    from fnl.export.runtime import OnnxPredictor
+
+    precision = model_precision(model)
+    _, reference = measure(f"PyTorch {precision}", "pytorch", precision, "export", model, cfg, None)
+    _, exported = measure(f"ONNX {precision}", "onnx", precision, "export",
+                          OnnxPredictor(onnx_path, threads=args.threads), cfg, None)
+    return reference, exported
 
 
 if __name__ == "__main__":
