@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 import onnx
 import torch
+import torchvision
 
 from fnl.config import CfgNode, load_config
 from fnl.modeling import GeneralizedRCNN, build_model
@@ -14,6 +15,10 @@ from fnl.modeling import GeneralizedRCNN, build_model
 # test_tiny is model B (spnasnet_100 + BiFPN 64) at 128 px; 5 detections keep the DensePose head cheap.
 SMALL = ["MODEL.ROI_HEADS.DETECTIONS_PER_IMAGE", "5"]
 EXPORT_SIZE = (128, 160)
+OUTPUTS = ["boxes", "scores", "classes", "coarse_segm", "fine_segm", "u", "v"]
+# What the graph returns for an image without detections: zero rows, every other dimension in place.
+EMPTY_OUTPUT_SHAPES = {"boxes": (0, 4), "scores": (0,), "classes": (0,), "coarse_segm": (0, 2, 64, 64),
+                       "fine_segm": (0, 25, 64, 64), "u": (0, 25, 64, 64), "v": (0, 25, 64, 64)}
 
 
 def tiny_config(*overrides: str) -> CfgNode:
@@ -52,3 +57,49 @@ def one_intra_op_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+# A detector whose detections are decisive, so that two int8 runtimes can be compared detection by detection.
+# With random weights every score is 0.5 +- 1e-4, a few int8 steps apart: an int8 model then ranks candidates by
+# rounding, and PyTorch and ONNX Runtime (whose convs round the bias to int32, as every int8 runtime does; fbgemm adds
+# it in float) keep different ones. Here every anchor is a proposal (no top-k, no NMS in the RPN: RPN ties cannot
+# matter), boxes are the anchors themselves (zero deltas), and the box classifier is fitted (ridge regression on the
+# model's own RoI features) to score 10 * IoU - 5 against a few anchor-aligned "objects": one anchor per object
+# scores far above the rest, the others it overlaps are suppressed, and nothing else passes the 0.5 threshold.
+# Square anchors only: a third of the RoIs (every anchor is one) at no loss, the objects being square.
+DECISIVE = ["INPUT.MIN_SIZE_TEST", "64", "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", "[[1.0]]",
+            "MODEL.RPN.PRE_NMS_TOPK_TEST", "100000", "MODEL.RPN.POST_NMS_TOPK_TEST", "100000",
+            "MODEL.RPN.NMS_THRESH_TEST", "1.0", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.5", *SMALL]
+# Per image, anchors of the 64x64 input (P2: 32 px at stride 4; P3: 64 px at stride 8).
+DECISIVE_OBJECTS = ([[8.0, 16.0, 40.0, 48.0], [0.0, 0.0, 64.0, 64.0]], [[20.0, 24.0, 52.0, 56.0]])
+RIDGE = 1e-5  # relative to the features' mean square: smaller fits noise near the threshold, larger blurs the peaks
+
+
+@torch.no_grad()
+def fit_decisive_detector(model: GeneralizedRCNN, images: list[torch.Tensor],
+                          objects: tuple[list[list[float]], ...] = DECISIVE_OBJECTS) -> GeneralizedRCNN:
+    """``model`` (built with DECISIVE) with zero box deltas and its box classifier fitted on ``images``, in place."""
+    heads = model.roi_heads
+    for layer in (model.proposal_generator.rpn_head.anchor_deltas, heads.box_predictor.bbox_pred):
+        layer.weight.zero_()
+        layer.bias.zero_()
+    features, targets = [], []
+    for image, image_objects in zip(images, objects, strict=True):
+        batch, sizes = model.preprocess_image([{"image": image}])
+        levels = model.backbone(batch)
+        (proposals,), _ = model.proposal_generator(levels, sizes)
+        boxes = proposals[:, :4]
+        features.append(heads.box_features(levels, [boxes]).double())
+        iou = torchvision.ops.box_iou(boxes, torch.tensor(image_objects)).max(dim=1).values
+        targets.append(10 * iou.double() - 5)
+    design = torch.cat([torch.cat(features), torch.ones(sum(len(f) for f in features), 1, dtype=torch.float64)], 1)
+    target = torch.cat(targets)
+    ridge = RIDGE * (design**2).sum() / design.shape[1]
+    solution = torch.linalg.solve(design.T @ design + ridge * torch.eye(design.shape[1], dtype=torch.float64),
+                                  design.T @ target)
+    classifier = heads.box_predictor.cls_score  # rows: foreground, background (logit 0)
+    classifier.weight.zero_()
+    classifier.bias.zero_()
+    classifier.weight[0] = solution[:-1].float()
+    classifier.bias[0] = solution[-1].float()
+    return model

@@ -1,15 +1,27 @@
 import copy
+import json
 import shutil
 
 import onnx
 import pytest
 import torch
-from export_testing import SMALL, tiny_config, tiny_model
+from export_testing import SMALL, op_types, tiny_config, tiny_model
 
 import fnl.export.onnx
 import fnl.export.verify
 from fnl.cli.export import main
 from fnl.engine.checkpoint import save_checkpoint
+from fnl.qat import save_int8_checkpoint
+
+# Reloading an int8 checkpoint rebuilds its structure with torch.ao (deprecated, and its observers never see data).
+pytestmark = [pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions:UserWarning"),
+              pytest.mark.filterwarnings("ignore:Please use quant_min and quant_max:UserWarning"),
+              pytest.mark.filterwarnings("ignore:must run observer before calling calculate_qparams:UserWarning")]
+
+# DESIGN.md, "Machine-readable outputs": the keys users' CI reads.
+REPORT_KEYS = {"machine", "versions", "input_size", "threads", "rows"}
+ROW_KEYS = {"name", "format", "precision", "method", "size_mb", "bbox_AP", "densepose_AP", "latency_ms_p50",
+            "latency_ms_p90", "fps"}
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +75,69 @@ def test_a_corrupt_checkpoint_is_one_line_naming_it(tmp_path, capsys):
     assert err.startswith("fnl-export: error: checkpoint ") and str(bad) in err and len(err.splitlines()) == 1
 
 
-def test_a_quantized_checkpoint_is_refused_with_the_way_to_export_it(tmp_path, capsys):
-    path = tmp_path / "int8.pth"
+def test_a_qat_training_checkpoint_is_refused_with_the_way_to_export_it(tmp_path, capsys):
+    path = tmp_path / "model_qat.pth"
     torch.save({"model": {"backbone.quant.scale": torch.tensor([0.1]),
                           "backbone.quant.zero_point": torch.tensor([0])}}, path)
     assert main(["--ckpt", str(path), "--config", "test_tiny", "--output", str(tmp_path / "out")]) == 2
-    assert "holds a quantized (QAT or int8) model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"checkpoint {path} holds a QAT (fake-quantized) training state" in err and "model_int8.pth" in err
+
+
+@pytest.fixture(scope="module")
+def quantize_dir(int8_export, tmp_path_factory):
+    """What fnl-quantize leaves behind (the two checkpoints export reads), for the decisive model of int8_export."""
+    directory = tmp_path_factory.mktemp("quantize")
+    save_checkpoint(directory / "model_fp32.pth", int8_export.float_model, int8_export.cfg)
+    save_int8_checkpoint(directory / "model_int8.pth", int8_export.int8_model, int8_export.cfg, "ptq")
+    return directory
+
+
+def test_an_int8_checkpoint_exports_and_meets_the_int8_criteria_with_ap(quantize_dir, tiny_dataset, tmp_path,
+                                                                         capsys):
+    # --data: the tiny dataset's first val images at 64 px are those the detector was fitted on (decisive).
+    assert main(["--ckpt", str(quantize_dir / "model_int8.pth"), "--format", "onnx", "--output", str(tmp_path),
+                 "--verify", "--data", str(tiny_dataset), "--input-size", "64", "--verify-images", "2",
+                 "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["model_int8.onnx"]
+    assert "(int8, opset 17" in out and "PASSED (int8 criteria" in out and "AP within 0.5" in out
+    assert {"QuantizeLinear", "DequantizeLinear"} <= op_types(onnx.load(str(tmp_path / "model_int8.onnx")).graph)
+    ap_rows = [line.split() for line in out.splitlines() if line.startswith(("bbox AP", "densepose AP"))]
+    assert [(row[0], row[-1]) for row in ap_rows] == [("bbox", "pass"), ("densepose", "pass")]
+
+
+def test_from_quantize_exports_both_models_and_writes_the_report(quantize_dir, tiny_dataset, tmp_path, capsys):
+    assert main(["--from-quantize", str(quantize_dir), "--format", "onnx", "--output", str(tmp_path),
+                 "--data", str(tiny_dataset), "--input-size", "64", "--verify-images", "2", "--calibration-images",
+                 "2", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert {p.name for p in tmp_path.iterdir()} >= {"model_fp32.onnx", "model_int8.onnx", "model_ort_ptq.onnx",
+                                                    "report.json", "report.md", "report.png"}
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report) >= REPORT_KEYS and report["input_size"] == 64 and report["threads"] == 1
+    rows = report["rows"]
+    assert [(r["name"], r["format"], r["precision"], r["method"]) for r in rows] == [
+        ("PyTorch float32", "pytorch", "float32", "float"), ("PyTorch int8 (PTQ)", "pytorch", "int8", "ptq"),
+        ("ONNX float32", "onnx", "float32", "float"), ("ONNX int8 (PTQ)", "onnx", "int8", "ptq"),
+        ("ONNX int8 (ORT static PTQ)", "onnx", "int8", "ort-static-ptq")]
+    for row in rows:
+        assert set(row) == ROW_KEYS
+        # Everything was measured here: sizes and times are numbers; an AP the evaluator cannot give is null.
+        assert all(isinstance(row[key], float) for key in ("size_mb", "latency_ms_p50", "latency_ms_p90", "fps"))
+        assert all(row[key] is None or isinstance(row[key], float) for key in ("bbox_AP", "densepose_AP"))
+    assert rows[3]["size_mb"] < rows[2]["size_mb"] / 2 and rows[4]["size_mb"] < rows[2]["size_mb"] / 2
+    assert {name: result["passed"] for name, result in report["verification"].items()} == {
+        "model_fp32.onnx": True, "model_int8.onnx": True}
+    ptq_ops = op_types(onnx.load(str(tmp_path / "model_ort_ptq.onnx")).graph)
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ptq_ops
+    assert "| ONNX int8 (ORT static PTQ) | onnx | int8 |" in out and "PASSED (int8 criteria" in out
+
+
+def test_from_quantize_needs_a_quantize_directory_and_force_to_overwrite(quantize_dir, tmp_path, capsys):
+    assert main(["--from-quantize", str(tmp_path), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'model_fp32.pth'} not found: {tmp_path} is not a fnl-quantize output directory" in err
+    (tmp_path / "report.json").write_text("{}")
+    assert main(["--from-quantize", str(quantize_dir), "--output", str(tmp_path)]) == 2
+    assert "report.json already exists; pass --force" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """The int8 path: eager torch.ao quantized modules export through the same functions as QDQ graphs.
 
-fnl.qat builds the real int8 model; here a toy with the kinds of quantized ops that model has, and an int8 island
-inside the float model B, stand for it.
+A toy with the kinds of quantized ops model B has, an int8 island inside the float model B, and model B quantized by
+fnl.qat (PTQ on the tiny dataset; its box classifier fitted so that its detections are decisive, see
+export_testing.fit_decisive_detector).
 """
 
 import numpy as np
@@ -9,14 +10,24 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from export_testing import EXPORT_SIZE, op_types, random_image, tiny_model
+from export_testing import (
+    EMPTY_OUTPUT_SHAPES,
+    EXPORT_SIZE,
+    OUTPUTS,
+    op_types,
+    random_image,
+    tiny_config,
+    tiny_model,
+)
 from torch import nn
 from torch.ao import quantization as tq
 from torch.ao.nn.quantized import FloatFunctional
 from torch.nn import functional as F
 
-from fnl.export import INT8, export_graph, to_onnx, verify_onnx
-from fnl.export.onnx import default_onnx_name, model_precision
+from fnl.export import INT8, OnnxPredictor, export_graph, to_onnx, verify_onnx
+from fnl.export.onnx import HookCarrier, _hooks_lent_to_wrappers, default_onnx_name, model_precision
+from fnl.hooks import audit_hooks
+from fnl.qat import calibrate, convert, prepare
 
 # torch.ao eager quantization is what fnl.qat builds on; its deprecation notices are expected here.
 pytestmark = [pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated:DeprecationWarning"),
@@ -111,3 +122,84 @@ def test_an_int8_part_of_the_model_exports_through_to_onnx_and_passes_int8_verif
     report = verify_onnx(model, path, [random_image(*EXPORT_SIZE, seed=3)], INT8)
     assert report.passed, report.table()
     assert report.rows[0].compared == 5
+
+
+class ScaledByConstant(nn.Module):
+    """The BiFPN's fusion weights on int8 tensors: a quantized multiply by a Python number."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+        self.quant = tq.QuantStub()
+        self.scale = FloatFunctional()
+        self.dequant = tq.DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.scale.mul_scalar(self.quant(x), self.factor))
+
+
+def quantized_toy(module: nn.Module, example: torch.Tensor) -> nn.Module:
+    module.eval().qconfig = tq.get_default_qconfig("fbgemm")
+    tq.prepare(module, inplace=True)
+    with torch.no_grad():
+        module(example)
+    return tq.convert(module, inplace=True)
+
+
+@pytest.mark.parametrize("factor", [0.37, 0.0])
+def test_a_quantized_multiply_by_a_scalar_exports_exactly(tmp_path, factor):
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    toy = quantized_toy(ScaledByConstant(factor), x)
+    path = export_graph(toy, (x,), tmp_path / "scaled.onnx", ["x"], ["y"], {})
+    (actual,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        expected = toy(x).numpy()
+    np.testing.assert_allclose(actual, expected, atol=1e-6, rtol=0)
+
+
+def test_a_quantized_multiply_by_a_negative_scalar_is_refused(tmp_path):
+    x = torch.randn(1, 4, 8, 8)
+    toy = quantized_toy(ScaledByConstant(-0.5), x)
+    with pytest.raises(ValueError, match="negative scalar"):
+        export_graph(toy, (x,), tmp_path / "scaled.onnx", ["x"], ["y"], {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_int8_model_from_fnl_qat_exports_as_qdq_and_meets_the_int8_criteria(int8_export):
+    proto = onnx.load(str(int8_export.path))
+    onnx.checker.check_model(proto, full_check=True)
+    # The DensePose predictor's transposed convs are int8 too (fbgemm, the default backend).
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv", "ConvTranspose"} <= op_types(proto.graph)
+    assert {p.key: p.value for p in proto.metadata_props}["precision"] == "int8"
+    report = verify_onnx(int8_export.int8_model, int8_export.path, int8_export.images, INT8, threads=1)
+    assert report.passed, report.table()
+    # Decisive detections (at least the three fitted objects), found by both runtimes.
+    assert report.rows[0].compared >= 3, report.table()
+
+
+def test_export_lends_the_feature_taps_to_wrappers_and_gives_them_back(int8_export):
+    # timm's taps on conv_pwl (functools.partial pre-hooks) cannot be compiled by the tracer, which scripts torch.ao's
+    # quantized modules; during the export they sit on plain wrappers, after it everything is as it was.
+    model = int8_export.int8_model
+    hooks, modules = audit_hooks(model), dict(model.named_modules())
+    with _hooks_lent_to_wrappers(model):
+        carriers = [m for m in model.modules() if isinstance(m, HookCarrier)]
+        assert len(carriers) == 4 and all(name.endswith(".conv_pwl") for name, m in model.named_modules()
+                                          if isinstance(m, HookCarrier))
+        assert not any(record.module.endswith(".conv_pwl.module") for record in audit_hooks(model))
+    assert audit_hooks(model) == hooks and dict(model.named_modules()) == modules
+
+
+def test_an_int8_model_without_detections_gives_empty_well_formed_outputs(tmp_path):
+    no_detections = ("MODEL.ROI_HEADS.SCORE_THRESH_TEST", "1.0")
+    prepared = prepare(tiny_model(*no_detections), tiny_config(*no_detections), "ptq")
+    calibrate(prepared, [[{"image": random_image(*EXPORT_SIZE, seed=1)}]], 1)
+    int8 = convert(prepared)
+    path = to_onnx(int8, tmp_path / default_onnx_name(int8), random_image(*EXPORT_SIZE))
+    image = random_image(160, 224, seed=3)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outputs = dict(zip(OUTPUTS, session.run(None, {"image": image[None].numpy()}), strict=True))
+    assert {name: value.shape for name, value in outputs.items()} == EMPTY_OUTPUT_SHAPES
+    assert outputs["classes"].dtype.name == "int64" and outputs["boxes"].dtype.name == "float32"
+    (result,) = OnnxPredictor(path, threads=1)([{"image": image.numpy(), "height": 320, "width": 448}])
+    assert result["boxes"].shape == (0, 4) and result["densepose"]["u"].shape == (0, 25, 64, 64)

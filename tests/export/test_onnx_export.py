@@ -2,13 +2,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from export_testing import EXPORT_SIZE, op_types, random_image, tiny_model
+from export_testing import EMPTY_OUTPUT_SHAPES, EXPORT_SIZE, OUTPUTS, op_types, random_image, tiny_model
 
 from fnl.engine.inference import predict_dataset
 from fnl.export import OnnxPredictor, to_onnx, verify_onnx
 from fnl.export.onnx import ExportableRCNN
-
-OUTPUTS = ["boxes", "scores", "classes", "coarse_segm", "fine_segm", "u", "v"]
 
 
 def test_export_passes_the_checker_and_declares_dynamic_sizes(tiny_export):
@@ -64,13 +62,11 @@ def test_an_image_without_detections_gives_empty_well_formed_outputs(tmp_path):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     image = random_image(160, 224, seed=3)
     outputs = dict(zip(OUTPUTS, session.run(None, {"image": image[None].numpy()}), strict=True))
-    expected_shapes = {"boxes": (0, 4), "scores": (0,), "classes": (0,), "coarse_segm": (0, 2, 64, 64),
-                       "fine_segm": (0, 25, 64, 64), "u": (0, 25, 64, 64), "v": (0, 25, 64, 64)}
-    assert {name: value.shape for name, value in outputs.items()} == expected_shapes
+    assert {name: value.shape for name, value in outputs.items()} == EMPTY_OUTPUT_SHAPES
     assert outputs["classes"].dtype.name == "int64" and outputs["boxes"].dtype.name == "float32"
     with torch.no_grad():
         reference = ExportableRCNN(model)(image[None])
-    assert [tuple(t.shape) for t in reference] == list(expected_shapes.values())
+    assert [tuple(t.shape) for t in reference] == list(EMPTY_OUTPUT_SHAPES.values())
     predictions, _ = predict_dataset(OnnxPredictor(path), [[{"image": image, "image_id": 1}]])
     assert predictions[0]["boxes"].shape == (0, 4) and predictions[0]["densepose"] == []
 

@@ -10,14 +10,17 @@ from onnx import TensorProto, helper
 from fnl.export import OnnxModelError, OnnxPredictor
 
 
-def test_runtime_runs_in_a_process_that_never_imports_torch(tiny_export, tmp_path):
-    image = np.random.default_rng(0).integers(0, 256, (3, 150, 200), dtype=np.uint8)
+# The float32 graph, and the int8 (QDQ) one, whose every anchor is a proposal: a small image keeps that cheap.
+@pytest.mark.parametrize(("exported", "shape"), [("tiny_export", (3, 150, 200)), ("int8_export", (3, 64, 80))])
+def test_runtime_runs_in_a_process_that_never_imports_torch(exported, shape, request, tmp_path):
+    path = request.getfixturevalue(exported).path
+    image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     np.save(tmp_path / "image.npy", image)
     script = textwrap.dedent(f"""
         import sys
         import numpy as np
         from fnl.export.runtime import OnnxPredictor
-        predictor = OnnxPredictor({str(tiny_export.path)!r}, threads=1)
+        predictor = OnnxPredictor({str(path)!r}, threads=1)
         image = np.load({str(tmp_path / "image.npy")!r})
         (output,) = predictor([{{"image": image, "height": 300, "width": 400}}])
         assert "torch" not in sys.modules, sorted(m for m in sys.modules if m.startswith("torch"))
@@ -26,7 +29,7 @@ def test_runtime_runs_in_a_process_that_never_imports_torch(tiny_export, tmp_pat
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     fresh = np.load(tmp_path / "out.npz")
-    (here,) = OnnxPredictor(tiny_export.path)([{"image": image, "height": 300, "width": 400}])
+    (here,) = OnnxPredictor(path, threads=1)([{"image": image, "height": 300, "width": 400}])
     np.testing.assert_allclose(fresh["boxes"], here["boxes"], atol=1e-4)
     np.testing.assert_allclose(fresh["u"], here["densepose"]["u"], atol=1e-4)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from export_testing import EXPORT_SIZE, random_image
 
-from fnl.export.verify import FLOAT32, INT8, Criteria, DiffRow, match_detections, verify_onnx
+from fnl.export.verify import FLOAT32, INT8, Criteria, DiffRow, ap_rows, match_detections, verify_onnx
 
 BOXES = np.array([[0, 0, 10, 10], [5, 5, 20, 30], [40, 40, 60, 80]], dtype=np.float32)
 CLASSES = np.zeros(3, dtype=np.int64)
@@ -57,3 +57,12 @@ def test_a_different_head_fails_verification_on_that_output_only(tiny_export):
     assert "FAIL" in report.table() and report.as_dict()["passed"] is False
     u = next(row for row in report.rows if row.output == "u")
     assert u.max_abs_diff == pytest.approx(0.01, abs=1e-3) and u.failures == u.compared
+
+
+def test_ap_rows_judge_the_int8_tolerance_and_leave_a_missing_ap_uncompared():
+    reference = {"bbox": {"AP": 40.0}, "densepose": {"AP": 30.0}}
+    rows = ap_rows(reference, {"bbox": {"AP": 39.6}, "densepose": {"AP": 29.2}}, INT8)
+    assert [(row.output, row.passed) for row in rows] == [("bbox AP", True), ("densepose AP", False)]
+    assert rows[1].max_abs_diff == pytest.approx(0.8) and rows[1].tolerance == 0.5
+    rows = ap_rows(reference, {"bbox": {"AP": None}, "densepose": {"AP": 30.0}}, INT8)
+    assert rows[0].compared == 0 and rows[0].passed and rows[1].passed
