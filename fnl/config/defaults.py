@@ -144,7 +144,7 @@ _C.QUANTIZATION.MODE = "qat"  # "qat": quantization-aware training | "ptq": cali
 # predictor outputs): their inputs are dequantized and their outputs quantized again.
 _C.QUANTIZATION.FLOAT_MODULES = []
 _C.QUANTIZATION.MAX_ITER = 300  # QAT iterations (starting from the float checkpoint)
-_C.QUANTIZATION.BASE_LR = 0.002  # QAT learning rate: small, the weights are already trained
+_C.QUANTIZATION.BASE_LR = 0.0005  # QAT learning rate: small, the weights are already trained
 _C.QUANTIZATION.WARMUP_ITERS = 0
 _C.QUANTIZATION.FREEZE_BN_ITER = 200  # freeze BN statistics after this many QAT iterations
 _C.QUANTIZATION.FREEZE_OBSERVER_ITER = 250  # freeze quantization ranges after this many QAT iterations

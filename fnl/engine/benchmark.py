@@ -15,17 +15,21 @@ logger = logging.getLogger("fnl")
 
 
 def measure(name: str, fmt: str, precision: str, method: str, predictor: Predictor, cfg: CfgNode,
-            size_mb: float | None, split: str | None = None) -> tuple[ReportRow, dict]:
-    """AP of ``predictor`` on ``split`` and its per-image latency (batch 1, torch threads as set by the caller)."""
+            size_mb: float | None, split: str | None = None, dataset_dicts: list[dict] | None = None
+            ) -> tuple[ReportRow, dict]:
+    """AP of ``predictor`` on ``split`` (or on ``dataset_dicts``, a subset of it) and its per-image latency
+    (batch 1, torch threads as set by the caller)."""
     from fnl.data import build_test_loader
     from fnl.data.catalog import resolve_split, surface_dir
     from fnl.evaluation import DensePoseCOCOEvaluator
 
     split = split or cfg.DATASETS.TEST[0]
-    loader = build_test_loader(cfg, split)
+    loader = build_test_loader(cfg, split, dataset_dicts)
     predictions, latencies = predict_dataset(predictor, loader, f"{name} on {split}", cfg.TEST.MAX_IMAGES)
     json_path, _ = resolve_split(cfg.DATASETS.ROOT, split)
-    results = DensePoseCOCOEvaluator(json_path, surface_dir(cfg.DATASETS.ROOT)).evaluate(predictions)
+    image_ids = [d["image_id"] for d in dataset_dicts] if dataset_dicts is not None else None
+    results = DensePoseCOCOEvaluator(json_path, surface_dir(cfg.DATASETS.ROOT)).evaluate(predictions,
+                                                                                        image_ids=image_ids)
     row = ReportRow(name=name, format=fmt, precision=precision, method=method, size_mb=size_mb,
                     bbox_AP=_round(results["bbox"]["AP"]), densepose_AP=_round(results["densepose"]["AP"]),
                     **latency_figures(latencies))
