@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from export_testing import DECISIVE, EXPORT_SIZE, fit_decisive_detector, one_intra_op_thread, random_image, tiny_model
+from export_testing import (
+    DECISIVE,
+    EXPORT_SIZE,
+    blank_image,
+    fit_decisive_detector,
+    one_intra_op_thread,
+    random_image,
+    tiny_model,
+)
 
 from fnl.config import CfgNode, load_config
 from fnl.export.onnx import to_onnx
@@ -47,6 +55,7 @@ class Int8Export:
     float_model: GeneralizedRCNN
     int8_model: torch.nn.Module
     images: list[torch.Tensor]  # the tiny dataset's val images at 64 px, which the detector was fitted on
+    blank: torch.Tensor  # an image it was fitted to find nothing on
     path: Path
 
 
@@ -57,15 +66,16 @@ def int8_export(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
     cfg = load_config("test_tiny", ["DATASETS.ROOT", str(tiny_dataset), *DECISIVE])
     images = [item["image"] for batch in build_test_loader(cfg, "val") for item in batch]
+    blank = blank_image(64, 80)
     with one_intra_op_thread(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch.ao eager mode is deprecated
         warnings.filterwarnings("ignore", message="Please use quant_min and quant_max", category=UserWarning)
         # convert() asks the BiFPN's multiply-by-scalar FloatFunctionals, which observe nothing, for their ranges.
         warnings.filterwarnings("ignore", message="must run observer before calling", category=UserWarning)
         torch.manual_seed(0)
-        float_model = fit_decisive_detector(build_model(cfg).eval(), images)
+        float_model = fit_decisive_detector(build_model(cfg).eval(), [*images, blank])
         prepared = prepare(float_model, cfg, "ptq")
         calibrate(prepared, [[{"image": image}] for image in images], len(images))
         int8_model = convert(prepared)
         path = to_onnx(int8_model, tmp_path_factory.mktemp("int8") / "model_int8.onnx", images[0])
-    return Int8Export(cfg, float_model, int8_model, images, path)
+    return Int8Export(cfg, float_model, int8_model, images, blank, path)

@@ -30,6 +30,10 @@ def tiny_model(*overrides: str) -> GeneralizedRCNN:
     return build_model(tiny_config(*overrides)).eval()
 
 
+def blank_image(height: int, width: int) -> torch.Tensor:
+    return torch.full((3, height, width), 128, dtype=torch.uint8)
+
+
 def random_image(height: int, width: int, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
@@ -65,13 +69,14 @@ def one_intra_op_thread() -> Iterator[None]:
 # it in float) keep different ones. Here every anchor is a proposal (no top-k, no NMS in the RPN: RPN ties cannot
 # matter), boxes are the anchors themselves (zero deltas), and the box classifier is fitted (ridge regression on the
 # model's own RoI features) to score 10 * IoU - 5 against a few anchor-aligned "objects": one anchor per object
-# scores far above the rest, the others it overlaps are suppressed, and nothing else passes the 0.5 threshold.
+# scores far above the rest, the others it overlaps are suppressed, and nothing else passes the 0.5 threshold. An
+# image given without objects (a blank one) is fitted to give no detection at all.
 # Square anchors only: a third of the RoIs (every anchor is one) at no loss, the objects being square.
 DECISIVE = ["INPUT.MIN_SIZE_TEST", "64", "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", "[[1.0]]",
             "MODEL.RPN.PRE_NMS_TOPK_TEST", "100000", "MODEL.RPN.POST_NMS_TOPK_TEST", "100000",
             "MODEL.RPN.NMS_THRESH_TEST", "1.0", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.5", *SMALL]
-# Per image, anchors of the 64x64 input (P2: 32 px at stride 4; P3: 64 px at stride 8).
-DECISIVE_OBJECTS = ([[8.0, 16.0, 40.0, 48.0], [0.0, 0.0, 64.0, 64.0]], [[20.0, 24.0, 52.0, 56.0]])
+# Per image, anchors of the 64x64 input (P2: 32 px at stride 4; P3: 64 px at stride 8), then none on a blank image.
+DECISIVE_OBJECTS = ([[8.0, 16.0, 40.0, 48.0], [0.0, 0.0, 64.0, 64.0]], [[20.0, 24.0, 52.0, 56.0]], [])
 RIDGE = 1e-5  # relative to the features' mean square: smaller fits noise near the threshold, larger blurs the peaks
 
 
@@ -90,7 +95,9 @@ def fit_decisive_detector(model: GeneralizedRCNN, images: list[torch.Tensor],
         (proposals,), _ = model.proposal_generator(levels, sizes)
         boxes = proposals[:, :4]
         features.append(heads.box_features(levels, [boxes]).double())
-        iou = torchvision.ops.box_iou(boxes, torch.tensor(image_objects)).max(dim=1).values
+        iou = torch.zeros(len(boxes))
+        if image_objects:
+            iou = torchvision.ops.box_iou(boxes, torch.tensor(image_objects)).max(dim=1).values
         targets.append(10 * iou.double() - 5)
     design = torch.cat([torch.cat(features), torch.ones(sum(len(f) for f in features), 1, dtype=torch.float64)], 1)
     target = torch.cat(targets)
