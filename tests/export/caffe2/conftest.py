@@ -1,0 +1,48 @@
+"""Session fixtures of the Caffe2 export tests: the small model B exported once, float32 and int8."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from caffe2_testing import Exported
+from export_testing import SMALL, one_intra_op_thread, tiny_model
+
+from fnl.export.caffe2 import to_caffe2
+from fnl.modeling import GeneralizedRCNN
+
+
+@pytest.fixture(scope="session")
+def caffe2_float(tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    model = tiny_model()
+    with one_intra_op_thread():
+        return Exported(model, to_caffe2(model, tmp_path_factory.mktemp("caffe2_fp32")))
+
+
+@pytest.fixture(scope="session")
+def int8_model(tiny_cfg) -> GeneralizedRCNN:
+    """fnl.qat's PTQ (fbgemm, per-channel weights) of a random model B on the tiny dataset."""
+    from fnl.data import build_train_loader
+    from fnl.modeling import build_model
+    from fnl.qat import calibrate, convert, prepare
+
+    cfg = tiny_cfg.clone()
+    cfg.merge_from_list([*SMALL, "QUANTIZATION.BACKEND", "fbgemm"])
+    torch.manual_seed(0)
+    with one_intra_op_thread():
+        prepared = prepare(build_model(cfg).eval(), cfg, "ptq")
+        calibrate(prepared, iter(build_train_loader(cfg)), cfg.QUANTIZATION.CALIBRATION_IMAGES)
+        return convert(prepared)
+
+
+@pytest.fixture(scope="session")
+def caffe2_int8(int8_model, tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    """Stock Caffe2 int8: weights requantized to one scale per tensor."""
+    with one_intra_op_thread():
+        return Exported(int8_model, to_caffe2(int8_model, tmp_path_factory.mktemp("caffe2_int8")))
+
+
+@pytest.fixture(scope="session")
+def caffe2_int8_per_channel(int8_model, tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    with one_intra_op_thread():
+        export = to_caffe2(int8_model, tmp_path_factory.mktemp("caffe2_int8_pc"), weight_scales="per-channel")
+    return Exported(int8_model, export)

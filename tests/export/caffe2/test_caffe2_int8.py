@@ -1,0 +1,57 @@
+"""int8: QNNPACK-style nets from fnl.qat's int8 model, executed and compared with the PyTorch int8 model."""
+
+from __future__ import annotations
+
+from caffe2_testing import QUANTIZATION_WARNINGS, verification_images
+
+from fnl.export.caffe2 import caffe2_report_row, verify_caffe2
+from fnl.export.caffe2.proto import arguments_of, load_netdef
+from fnl.export.caffe2.writer import INIT_NET_FILE, PREDICT_NET_FILE
+
+pytestmark = QUANTIZATION_WARNINGS
+
+INT8_OPS = {"Int8Quantize", "Int8Dequantize", "Int8Conv", "Int8ConvRelu", "Int8Add", "Int8ConvTranspose", "Int8FC",
+            "Int8Concat", "Int8MaxPool", "Int8ResizeNearest", "Int8AveragePool", "Int8Flatten"}
+
+
+def test_int8_net_runs_the_network_on_qnnpack_int8_operators(caffe2_int8):
+    counts = caffe2_int8.export.operators
+    assert INT8_OPS <= set(counts)
+    assert not {"Conv", "ConvTranspose", "FC"} & set(counts)  # every conv / linear of the model is int8
+    ops = load_netdef(caffe2_int8.directory / PREDICT_NET_FILE).op
+    for op in ops:
+        if op.type.startswith("Int8") and op.type not in ("Int8Dequantize",):
+            args = arguments_of(op)
+            assert "Y_scale" in args and "Y_zero_point" in args, op.type
+        if op.type in ("Int8Conv", "Int8ConvRelu", "Int8ConvTranspose", "Int8MaxPool"):
+            assert arguments_of(op)["order"].s == b"NHWC"
+    biases = [op for op in load_netdef(caffe2_int8.directory / INIT_NET_FILE).op if op.type == "Int8GivenIntTensorFill"]
+    assert biases and all(arguments_of(op)["Y_zero_point"].i == 0 for op in biases)
+
+
+def test_per_channel_export_heads_are_within_one_quantization_step_of_pytorch(caffe2_int8_per_channel):
+    result = verify_caffe2(caffe2_int8_per_channel.model, caffe2_int8_per_channel.directory, verification_images())
+    assert result.stages_passed, result.table()
+    assert {row.output for row in result.stages} == {"cls_logits", "bbox_deltas", "coarse_segm", "fine_segm", "u",
+                                                     "v"}
+    # One step, but for rounding ties that propagate through the head's stacked int8 layers: two at most.
+    assert all(row.compared > 0 and row.max_abs_diff <= 2 * row.tolerance for row in result.stages)
+    # End to end, detections of a random-weight model are decided by near-ties (quantized logits): reported only.
+    assert result.end_to_end.rows[0].compared >= 1
+
+
+def test_per_tensor_export_reports_what_requantizing_the_weights_costs(caffe2_int8):
+    requantized = caffe2_int8.export.weight_requantization
+    assert len(requantized) > 50  # fbgemm's per-channel weights: every conv and linear but the transposed convs
+    assert all(r.max_abs_error <= r.max_abs_weight / 127 for r in requantized)  # at most one step of s_max
+    result = verify_caffe2(caffe2_int8.model, caffe2_int8.directory, verification_images()[:1])
+    steps = {row.output: row.max_abs_diff / row.tolerance for row in result.stages}
+    assert all(0 <= s < 16 for s in steps.values()), result.table()  # honest, bounded, not hidden
+
+
+def test_report_row_scores_the_files_and_leaves_latency_empty(caffe2_int8, tiny_cfg):
+    row, results = caffe2_report_row("model B int8 (Caffe2)", caffe2_int8.directory, tiny_cfg, "int8", "ptq")
+    assert row.format == "caffe2" and row.precision == "int8" and row.method == "ptq"
+    assert row.size_mb == caffe2_int8.export.size_mb
+    assert row.latency_ms_p50 is None and row.latency_ms_p90 is None and row.fps is None
+    assert row.bbox_AP is not None and row.densepose_AP is not None and "bbox" in results
