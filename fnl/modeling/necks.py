@@ -17,13 +17,24 @@ def _level(name: str) -> int:
     return int(name[1:])
 
 
-class FPN(nn.Module):
-    """detectron2's FPN: 1x1 laterals, nearest top-down sum, 3x3 outputs, P6 by stride-2 max-pool of P5."""
+class Neck(nn.Module):
+    """What both necks share: the ``bottom_up`` child and outputs named P2..P(n+1), P(n+1) by stride-2 max-pool."""
 
-    def __init__(self, bottom_up: nn.Module, out_channels: int, norm: str = "") -> None:
+    def __init__(self, bottom_up: nn.Module, out_channels: int) -> None:
         super().__init__()
         self.bottom_up = bottom_up
         self.in_features = feature_names(bottom_up)
+        last = _level(self.in_features[-1])
+        self.out_features = [f"p{_level(n)}" for n in self.in_features] + [f"p{last + 1}"]
+        self.out_channels = out_channels
+        self.size_divisibility = 2 ** (last + 1)
+
+
+class FPN(Neck):
+    """detectron2's FPN: 1x1 laterals, nearest top-down sum, 3x3 outputs, P6 by stride-2 max-pool of P5."""
+
+    def __init__(self, bottom_up: nn.Module, out_channels: int, norm: str = "") -> None:
+        super().__init__(bottom_up, out_channels)
         in_channels = bottom_up.feature_info.channels()
         for name, channels in zip(self.in_features, in_channels, strict=True):
             level = _level(name)
@@ -34,10 +45,6 @@ class FPN(nn.Module):
             self.add_module(f"fpn_output{level}", output if norm else output[0])
         # One FloatFunctional per sum: a plain add in float, an observed int8 add once quantized.
         self.top_down_adds = nn.ModuleList(FloatFunctional() for _ in self.in_features[:-1])
-        last = _level(self.in_features[-1])
-        self.out_features = [f"p{_level(n)}" for n in self.in_features] + [f"p{last + 1}"]
-        self.out_channels = out_channels
-        self.size_divisibility = 2 ** (last + 1)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.bottom_up(x)
@@ -114,15 +121,13 @@ class BiFPNLayer(nn.Module):
         return outputs
 
 
-class BiFPN(nn.Module):
+class BiFPN(Neck):
     """BiFPN as Mobile Parsing R-CNN B uses it: 1x1 conv+BN laterals on C2..C5, P6 by stride-2 max-pool,
     ``num_repeats`` bidirectional layers, nearest up/down-sampling."""
 
     def __init__(self, bottom_up: nn.Module, out_channels: int, num_repeats: int = 3, eps: float = 1e-4,
                  norm: str = "BN") -> None:
-        super().__init__()
-        self.bottom_up = bottom_up
-        self.in_features = feature_names(bottom_up)
+        super().__init__(bottom_up, out_channels)
         in_channels = bottom_up.feature_info.channels()
         norm = norm or "BN"
         self.laterals = nn.ModuleList(
@@ -130,10 +135,6 @@ class BiFPN(nn.Module):
         )
         num_levels = len(in_channels) + 1
         self.layers = nn.ModuleList(BiFPNLayer(num_levels, out_channels, eps) for _ in range(num_repeats))
-        last = _level(self.in_features[-1])
-        self.out_features = [f"p{_level(n)}" for n in self.in_features] + [f"p{last + 1}"]
-        self.out_channels = out_channels
-        self.size_divisibility = 2 ** (last + 1)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.bottom_up(x)
