@@ -6,15 +6,15 @@
 - int8 models are compared with the PyTorch int8 model they came from, in two parts:
   * stages: PyTorch's int8 box head and DensePose head run on the RoI features the Caffe2 net pooled (fetched from
     the executor), compared with the net's head outputs in quantization steps of each output. The tolerance is one
-    step; at most ``INT8_STAGE_FAILURE_FRACTION`` of the values may lie beyond it, because the executor
-    requantizes exactly (as QNNPACK's fixed-point requantization intends) while fbgemm multiplies in float32: a
-    value on a rounding tie differs by one step in one layer (about 1 in 10^5) and the DensePose head stacks 12
-    int8 layers. The largest difference is reported. The per-tensor export (stock Caffe2) requantizes the weights
+    step; at most ``INT8_STAGE_FAILURE_FRACTION`` of the values may lie beyond it: the executor requantizes as
+    QNNPACK does (int32 bias, exact product, ties away from zero), fbgemm adds a float bias and rounds a float32
+    product, so a value on a rounding tie can differ by one step in one layer, and the DensePose head stacks 12 int8
+    layers. The largest difference is reported. The per-tensor export (stock Caffe2) requantizes the weights
     and changes the numerics themselves: its rows fail by the number of steps they differ, reported as such.
   * end to end: detections pair at IoU >= 0.9 (``INT8``); boxes, scores and the DensePose outputs on the very same
     boxes (PyTorch's heads run again on the net's boxes) are reported, not judged: they also carry the trunk's
-    rounding differences (the executor rounds as QNNPACK does, fbgemm otherwise, and a one-step tie early in the
-    backbone propagates through ~100 int8 layers).
+    rounding differences (a one-step tie early in the backbone propagates through ~100 int8 layers), and a
+    random-weight model's detections are decided by ties in its quantized scores.
 
 ``caffe2_report_row`` scores the model with ``fnl.engine.benchmark.measure`` (box and DensePose AP) and leaves the
 latency figures empty: the reference executor's speed says nothing about a device's.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from caffe2_testing import QUANTIZATION_WARNINGS, verification_images
 
-from fnl.export.caffe2 import caffe2_report_row, verify_caffe2
+from fnl.export.caffe2 import caffe2_report_row, to_caffe2, verify_caffe2
 from fnl.export.caffe2.proto import arguments_of, load_netdef
 from fnl.export.caffe2.writer import INIT_NET_FILE, PREDICT_NET_FILE
 
@@ -55,3 +55,16 @@ def test_report_row_scores_the_files_and_leaves_latency_empty(caffe2_int8, tiny_
     assert row.size_mb == caffe2_int8.export.size_mb
     assert row.latency_ms_p50 is None and row.latency_ms_p90 is None and row.fps is None
     assert row.bbox_AP is not None and row.densepose_AP is not None and "bbox" in results
+
+
+def test_decisive_int8_model_detects_what_the_pytorch_int8_model_detects(int8_export, tmp_path):
+    # tests/export's int8 model B with a fitted, decisive box classifier: detections are no longer decided by ties.
+    images = [*int8_export.images, int8_export.blank]
+    to_caffe2(int8_export.int8_model, tmp_path / "per-channel", weight_scales="per-channel")
+    result = verify_caffe2(int8_export.int8_model, tmp_path / "per-channel", images)
+    assert result.passed, result.table()
+    assert result.end_to_end.rows[0].compared >= 3 and result.end_to_end.rows[0].failures == 0
+    # Stock per-tensor weights move the scores: detections near the threshold can come and go (reported).
+    to_caffe2(int8_export.int8_model, tmp_path / "per-tensor")
+    detections = verify_caffe2(int8_export.int8_model, tmp_path / "per-tensor", images).end_to_end.rows[0]
+    assert detections.failures <= detections.compared / 2
