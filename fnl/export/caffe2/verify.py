@@ -16,6 +16,10 @@
     rounding differences (a one-step tie early in the backbone propagates through ~100 int8 layers), and a
     random-weight model's detections are decided by ties in its quantized scores.
 
+Images are cropped at the bottom/right to multiples of the net's ``size_divisibility`` first: there the Caffe2 net
+and the PyTorch model pad an image identically, elsewhere they do not (see ``fnl.export.caffe2.writer``), and this
+check is about the conversion. How many were cropped is reported.
+
 ``caffe2_report_row`` scores the model with ``fnl.engine.benchmark.measure`` (box and DensePose AP) and leaves the
 latency figures empty: the reference executor's speed says nothing about a device's.
 """
@@ -53,6 +57,7 @@ class Caffe2Verification:
 
     end_to_end: VerificationReport
     stages: list[DiffRow] = field(default_factory=list)
+    cropped: int = 0  # images cropped to multiples of the net's size divisibility
 
     @property
     def stages_passed(self) -> bool:
@@ -64,6 +69,9 @@ class Caffe2Verification:
 
     def table(self) -> str:
         text = self.end_to_end.table()
+        if self.cropped:
+            text += (f"\n({self.cropped} of {self.end_to_end.images} images cropped at the bottom/right to multiples "
+                     "of the net's size divisibility)")
         if self.stages:
             lines = ["", "int8 heads on the net's own pooled RoI features (PyTorch int8 vs Caffe2), in quantization "
                      "steps:", f"{'output':<12} {'compared':>9} {'max steps':>9} {'> 1 step':>8}  result"]
@@ -98,22 +106,33 @@ def verify_caffe2(model: GeneralizedRCNN, model_dir: str | Path, images: Iterabl
     """Run the Caffe2 files in ``model_dir`` and the reference (see the module docstring) on ``images``
     ((3, H, W) RGB, already resized) and compare. For a float model without ``onnx_path``, the model is exported
     to a temporary ONNX file first."""
-    images = [torch.as_tensor(np.asarray(image)) for image in images]
-    if not images:
-        raise ValueError("verify_caffe2 needs at least one image")
     predictor = Caffe2Predictor(model_dir)
+    originals = [torch.as_tensor(np.asarray(image)) for image in images]
+    if not originals:
+        raise ValueError("verify_caffe2 needs at least one image")
+    images = [_cropped(image, predictor.size_divisibility) for image in originals]
+    cropped = sum(a.shape != b.shape for a, b in zip(originals, images, strict=True))
     if model_precision(model) == "int8":
         heads = _HeadRows(dict.fromkeys(DENSEPOSE_OUTPUTS)) if predictor.has_densepose else None
         stages = _StageRows(model, predictor.has_densepose)
         report = _compare(predictor, _PyTorchReference(model), images, criteria or INT8, heads, stages)
-        return Caffe2Verification(report, stages.finish())
+        return Caffe2Verification(report, stages.finish(), cropped)
     heads = _HeadRows(dict.fromkeys(DENSEPOSE_OUTPUTS, FLOAT32_HEAD_ATOL)) if predictor.has_densepose else None
     if onnx_path is not None:
         reference = _OnnxReference(OnnxPredictor(onnx_path, threads=1))
-        return Caffe2Verification(_compare(predictor, reference, images, criteria or FLOAT32, heads))
+        return Caffe2Verification(_compare(predictor, reference, images, criteria or FLOAT32, heads), [], cropped)
     with tempfile.TemporaryDirectory(prefix="fnl-caffe2-verify-") as tmp:
         reference = _OnnxReference(OnnxPredictor(to_onnx(model, Path(tmp) / "model_fp32.onnx", images[0]), threads=1))
-        return Caffe2Verification(_compare(predictor, reference, images, criteria or FLOAT32, heads))
+        return Caffe2Verification(_compare(predictor, reference, images, criteria or FLOAT32, heads), [], cropped)
+
+
+def _cropped(image: torch.Tensor, divisibility: int) -> torch.Tensor:
+    """(3, H, W) cropped at the bottom/right to multiples of ``divisibility``."""
+    height, width = (n // divisibility * divisibility for n in image.shape[-2:])
+    if not (height and width):
+        raise ValueError(f"an image of size {tuple(image.shape[-2:])} is smaller than the net's size divisibility "
+                         f"({divisibility}): use larger verification images")
+    return image[..., :height, :width]
 
 
 class _OnnxReference:
