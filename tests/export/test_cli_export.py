@@ -129,6 +129,8 @@ def test_from_quantize_exports_both_models_and_writes_the_report(quantize_dir, t
     assert rows[3]["size_mb"] < rows[2]["size_mb"] / 2 and rows[4]["size_mb"] < rows[2]["size_mb"] / 2
     assert {name: result["passed"] for name, result in report["verification"].items()} == {
         "model_fp32.onnx": True, "model_int8.onnx": True}
+    assert report["onnx"]["files"] == {"model_fp32.onnx": "ONNX float32", "model_int8.onnx": "ONNX int8 (PTQ)",
+                                       "model_ort_ptq.onnx": "ONNX int8 (ORT static PTQ)"}
     ptq_ops = op_types(onnx.load(str(tmp_path / "model_ort_ptq.onnx")).graph)
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ptq_ops
     assert "| ONNX int8 (ORT static PTQ) | onnx | int8 |" in out and "PASSED (int8 criteria" in out
