@@ -71,7 +71,10 @@ class FloatIsland(nn.Module):
         super().__init__()
         self.dequant = DeQuantStub()
         self.module = module
-        self.module.qconfig = None  # never prepared or converted: it stays float
+        # Never prepared or converted: it stays float. Every submodule says so itself, so that a qconfig assigned by
+        # module type later (assign_qconfig's per-tensor one for transposed convs) cannot reach inside.
+        for submodule in module.modules():
+            submodule.qconfig = None
         self.quant = QuantStub() if quantize_output else nn.Identity()
 
     def forward(self, *args: Any) -> Any:
