@@ -61,13 +61,15 @@ class ConversionError(ValueError):
 
 @dataclass
 class WeightRequantization:
-    """A per-channel int8 weight requantized to one scale: the largest error on a real-valued weight and the
-    tensor's largest real-valued weight, for comparison."""
+    """A per-channel int8 weight requantized to one scale: the largest error on a real-valued weight, the tensor's
+    largest real-valued weight, and the worst channel's largest error relative to that channel's largest weight
+    (a channel whose scale is far below the largest keeps only a few integer levels)."""
 
     op: str
     channels: int
     max_abs_error: float
     max_abs_weight: float
+    worst_channel_relative_error: float
 
 
 @dataclass
@@ -646,9 +648,12 @@ def _int8_weight(c: _Converter, node: onnx.NodeProto, weight: _QConst, layout_ax
         scale = float(np.max(weight.scale))
         codes = np.clip(np.round(real / scale), -127, 127).astype(np.int16)
         zero_point = 0
-        c.requantized.append(WeightRequantization(node.name or out, channels,
-                                                  float(np.max(np.abs(real - codes * scale))),
-                                                  float(np.max(np.abs(real)))))
+        error = np.abs(real - codes * scale)
+        per_channel = np.moveaxis(error, weight.axis, 0).reshape(channels, -1).max(axis=1)
+        largest = np.moveaxis(np.abs(real), weight.axis, 0).reshape(channels, -1).max(axis=1)
+        relative = np.where(largest > 0, per_channel / np.where(largest > 0, largest, 1.0), 0.0)
+        c.requantized.append(WeightRequantization(node.name or out, channels, float(error.max()),
+                                                  float(np.abs(real).max()), float(relative.max())))
         scales = np.full(channels, scale)
     else:
         codes = weight.values.astype(np.int16)
