@@ -2,6 +2,11 @@
 
   fnl-export --ckpt model.pth|model_int8.pth [--config FILE] --format onnx --output DIR [--verify [--data DIR]]
   fnl-export --from-quantize QDIR --format onnx --output DIR [--data DIR] [--threads N] [--input-size S]
+  fnl-export --ckpt model.pth|model_int8.pth --format caffe2 --output DIR [--verify [--data DIR]]
+
+--format caffe2 writes DIR/model.pb, model_init.pb and model.pbtxt (fnl.export.caffe2: Caffe2 NetDefs, QNNPACK int8
+ops for an int8 checkpoint); --verify executes them with the reference executor against ONNX Runtime (float32) or
+PyTorch int8 (fnl.export.caffe2.verify) and exits with status 1 on failure.
 
 --ckpt writes DIR/model_fp32.onnx (float checkpoint) or DIR/model_int8.onnx (int8 checkpoint written by
 fnl-quantize: QuantizeLinear/DequantizeLinear around the int8 convs): the whole model as one ONNX graph (input: one
@@ -42,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--ckpt", help="model checkpoint (.pth): float, or int8 from fnl-quantize")
     source.add_argument("--from-quantize", metavar="QDIR",
                         help="fnl-quantize output directory: export its float32 and int8 models and write the report")
-    parser.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default onnx)")
+    parser.add_argument("--format", choices=["onnx", "caffe2"], default="onnx", help="export format (default onnx)")
     parser.add_argument("--output", required=True, help="output directory")
     parser.add_argument("--verify", action="store_true", help="compare the export with PyTorch; exit 1 on failure "
                                                               "(always done with --from-quantize)")
@@ -76,9 +81,13 @@ def _export(args: argparse.Namespace) -> int:
     if args.verify_images < 1:
         raise ValueError(f"--verify-images must be at least 1, got {args.verify_images}")
     if args.from_quantize:
+        if args.format != "onnx":
+            raise ValueError("--from-quantize writes ONNX exports and their report; export Caffe2 with --ckpt")
         return _export_and_report(args)
     cfg = _config(args)
     model = _load_model(cfg, args.ckpt, args.unsafe_load)
+    if args.format == "caffe2":
+        return _export_caffe2(model, cfg, args)
     path = ensure_dir(args.output) / default_onnx_name(model)
     refuse_overwrite(path, args.force)
     size = cfg.INPUT.MIN_SIZE_TEST
@@ -103,6 +112,24 @@ def _export(args: argparse.Namespace) -> int:
         print("note: no detections on the verification images, so only the counts were compared; "
               "verify on real images with --data")
     return 0 if report.passed else 1
+
+
+def _export_caffe2(model: GeneralizedRCNN, cfg: CfgNode, args: argparse.Namespace) -> int:
+    from fnl.export.caffe2 import to_caffe2, verify_caffe2
+    from fnl.export.caffe2.writer import INIT_NET_FILE, PREDICT_NET_FILE, PREDICT_NET_TEXT_FILE
+    from fnl.utils.io import refuse_overwrite
+
+    output = ensure_dir(args.output)
+    for name in (PREDICT_NET_FILE, INIT_NET_FILE, PREDICT_NET_TEXT_FILE):
+        refuse_overwrite(output / name, args.force)
+    written = to_caffe2(model, output)
+    print(f"wrote {written.predict_net}, {written.init_net}, {written.predict_net_text} ({written.precision}, "
+          f"{written.size_mb:.1f} MB, {sum(written.operators.values())} operators)")
+    if not args.verify:
+        return 0
+    result = verify_caffe2(model, output, _verification_images(cfg, args))
+    print(result.table())
+    return 0 if result.passed else 1
 
 
 def _config(args: argparse.Namespace) -> CfgNode:
