@@ -12,8 +12,7 @@ imports this package first.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from fnl.utils.lazy import lazy_getattr
 
 _EXPORTS = {
     "to_onnx": "fnl.export.onnx",
@@ -32,8 +31,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'fnl.export' has no attribute '{name}'")
-    return getattr(import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -51,7 +51,25 @@ def open_session(path: str | Path, threads: int = 2) -> ort.InferenceSession:
                              f"{str(exc)[:300]}") from exc
 
 
-class OnnxPredictor:
+class GraphPredictor:
+    """The PyTorch model's interface (list of input dicts -> list of output dicts, boxes in the original image) over
+    an exported graph; subclasses run one (3, H, W) image with ``run_image``."""
+
+    def run_image(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def __call__(self, batched_inputs: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        results = []
+        for item in batched_inputs:
+            pixels = np.asarray(item["image"])
+            outputs = self.run_image(pixels)
+            height, width = (int(n) for n in pixels.shape[-2:])
+            original = (int(item.get("height", height)), int(item.get("width", width)))
+            results.append(to_model_output(outputs, (height, width), original))
+        return results
+
+
+class OnnxPredictor(GraphPredictor):
     """list[dict] -> list[dict] over an ONNX Runtime session, as ``GeneralizedRCNN`` in eval mode.
 
     Boxes come back in the original image (``height``/``width`` of each input, default the input's own size) and
@@ -78,15 +96,6 @@ class OnnxPredictor:
         values = self.session.run(self.output_names, {INPUT_NAME: np.ascontiguousarray(pixels[None])})
         return dict(zip(self.output_names, values, strict=True))
 
-    def __call__(self, batched_inputs: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        results = []
-        for item in batched_inputs:
-            pixels = np.asarray(item["image"])
-            outputs = self.run_image(pixels)
-            height, width = (int(n) for n in pixels.shape[-2:])
-            original = (int(item.get("height", height)), int(item.get("width", width)))
-            results.append(to_model_output(outputs, (height, width), original))
-        return results
 
 
 def to_model_output(outputs: Mapping[str, np.ndarray], input_size: tuple[int, int],

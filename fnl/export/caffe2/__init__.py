@@ -17,8 +17,7 @@ Names resolve lazily, so importing the package does not import torch.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from fnl.utils.lazy import lazy_getattr
 
 _EXPORTS = {
     "to_caffe2": "fnl.export.caffe2.writer",
@@ -36,8 +35,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'fnl.export.caffe2' has no attribute '{name}'")
-    return getattr(import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -9,7 +9,7 @@ The executor is a checker: what this predictor measures is accuracy, never a dev
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import numpy as np
 from fnl.export.caffe2.executor import Int8Tensor, NetExecutor
 from fnl.export.caffe2.proto import Caffe2ModelError, arguments_of
 from fnl.export.caffe2.writer import DATA, IM_INFO, INIT_NET_FILE, PREDICT_NET_FILE
-from fnl.export.runtime import BOX_OUTPUTS, DENSEPOSE_OUTPUTS, to_model_output
+from fnl.export.runtime import BOX_OUTPUTS, DENSEPOSE_OUTPUTS, GraphPredictor
 
 
 def prepare_inputs(image: np.ndarray, pixel_mean: np.ndarray, size_divisibility: int) -> dict[str, np.ndarray]:
@@ -36,7 +36,7 @@ def prepare_inputs(image: np.ndarray, pixel_mean: np.ndarray, size_divisibility:
     return {DATA: data, IM_INFO: np.array([[height, width, 1.0]], np.float32)}
 
 
-class Caffe2Predictor:
+class Caffe2Predictor(GraphPredictor):
     """list[dict] -> list[dict] over ``model_dir``/model.pb + model_init.pb, as ``OnnxPredictor``."""
 
     def __init__(self, model_dir: str | Path) -> None:
@@ -64,15 +64,6 @@ class Caffe2Predictor:
         outputs["classes"] = outputs["classes"].astype(np.int64)
         return outputs
 
-    def __call__(self, batched_inputs: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        results = []
-        for item in batched_inputs:
-            pixels = np.asarray(item["image"])
-            outputs = self.run_image(pixels)
-            height, width = (int(n) for n in pixels.shape[-2:])
-            original = (int(item.get("height", height)), int(item.get("width", width)))
-            results.append(to_model_output(outputs, (height, width), original))
-        return results
 
 
 def _numpy(value: Any) -> np.ndarray:
