@@ -55,7 +55,7 @@ def load_densepose_coco(json_path: str | Path, image_root: str | Path, check_ima
     """
     json_path = Path(json_path)
     image_root = Path(image_root)
-    coco = _read_json(json_path)
+    coco = read_coco_json(json_path)
     category_map = _contiguous_category_ids(coco, json_path)
 
     dataset_dicts: list[dict] = []
@@ -86,7 +86,10 @@ def load_densepose_coco(json_path: str | Path, image_root: str | Path, check_ima
     return dataset_dicts
 
 
-def _read_json(json_path: Path) -> dict:
+def read_coco_json(json_path: str | Path) -> dict:
+    """A COCO json's top level, checked: a mapping with ``images``, ``annotations`` and ``categories`` lists. Used by
+    the loader and by the evaluator; errors name the file."""
+    json_path = Path(json_path)
     if not json_path.is_file():
         raise DatasetFileNotFoundError(f"annotation file not found: {json_path}")
     try:

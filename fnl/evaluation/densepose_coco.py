@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -34,6 +33,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from fnl.data.densepose_coco import read_coco_json
 from fnl.evaluation.gps import (
     GPS_NORMALIZATIONS,
     GpsNormalization,
@@ -107,18 +107,7 @@ def load_densepose_coco_json(path: str | Path) -> dict[str, Any]:
     ``iscrowd`` defaults to 0 when absent; everything else COCOeval reads (``bbox``, ``area``) is required.
     """
     path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            dataset = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: ground-truth json not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(dataset, dict):
-        raise ValueError(f"{path}: expected a COCO json object, got {type(dataset).__name__}")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(dataset.get(key), list):
-            raise ValueError(f"{path}: '{key}' must be a list")
+    dataset = read_coco_json(path)
     if not dataset["categories"]:
         raise ValueError(f"{path}: 'categories' is empty")
     image_ids = [image.get("id") for image in dataset["images"]]
