@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fnl.config import load_config
-from fnl.hooks import audit_hooks, fuse_model
+from fnl.hooks import fuse_model
 from fnl.modeling import build_model
 from fnl.qat import (
     calibrate,
@@ -70,7 +70,6 @@ def test_fused_model_equals_unfused_in_eval(float_model, image):
 
 
 def test_expansion_taps_feed_the_neck_after_fuse_prepare_qat_and_convert(float_model, image):
-    stages_model = prepare(float_model, load_config("mobile_parsing_rcnn_b", SMALL), "qat")
     from fnl.qat.quantize import QuantizationStages
 
     stages = QuantizationStages()
@@ -91,7 +90,6 @@ def test_expansion_taps_feed_the_neck_after_fuse_prepare_qat_and_convert(float_m
     assert [seen[n].shape[1] for n in TAPS] == [72, 120, 288, 1152]
     assert all(seen[n].is_quantized for n in TAPS)
     assert all(f.is_quantized for f in features.values())
-    assert len(audit_hooks(stages_model)) == len(audit_hooks(prepared))
 
 
 def test_int8_model_is_small_and_reloads_in_a_fresh_process(float_model, image, tmp_path):
