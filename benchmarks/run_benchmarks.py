@@ -3,6 +3,8 @@ input-size sweep (the paper's Table 4) and a people-per-image sweep (Table 5), w
 
     python benchmarks/run_benchmarks.py --quantize-dir out/demo/quantize [--threads 2] [--sizes 200 400 512 600]
 
+The ONNX files it exports go to docs/benchmark_export/ (ignored by git).
+
 ``--quantize-dir`` is an fnl-quantize output (model_fp32.pth, model_int8.pth). Figures are measured, never copied.
 """
 
@@ -44,7 +46,7 @@ def rows_at(models: dict, data_root: str, size: int, dataset_dicts: list[dict] |
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quantize-dir", required=True)
-    parser.add_argument("--export-report", help="an export report.json whose rows to include (fnl-export)")
+    parser.add_argument("--skip-export", action="store_true", help="leave out the ONNX rows (no export in this run)")
     parser.add_argument("--data", help="dataset root (default: the embedded synthetic set)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--size", type=int, default=512)
@@ -63,8 +65,12 @@ def main() -> None:
     sections = [f"# Benchmarks\n\nOne run of `python benchmarks/run_benchmarks.py --quantize-dir {args.quantize_dir}`"
                 f" on {machine_info()['cpu']}, {args.threads} thread(s); versions: {json.dumps(versions())}.\n"]
     headline = rows_at(models, data_root, args.size)
-    if args.export_report:
-        exported = json.loads(Path(args.export_report).read_text())
+    if not args.skip_export:
+        # The ONNX rows come from this same run: export, verify and time them here.
+        from fnl.export.pipeline import export_and_report
+
+        exported = export_and_report(quantize_dir, Path(args.output).parent / "benchmark_export", data_root,
+                                     threads=args.threads, input_size=args.size)
         headline += [ReportRow(**r) for r in exported["rows"] if r["format"] != "pytorch"]
     sections.append(format_report_markdown(headline, args.size, args.threads, f"Model B at {args.size} px"))
     sweep = {}
