@@ -25,6 +25,9 @@ def measure(name: str, fmt: str, precision: str, method: str, predictor: Predict
 
     split = split or cfg.DATASETS.TEST[0]
     loader = build_test_loader(cfg, split, dataset_dicts)
+    # One untimed call first: lazy initialisation (allocator, kernel selection, ORT arena) is not per-image cost.
+    with torch.no_grad():
+        predictor(next(iter(loader)))
     predictions, latencies = predict_dataset(predictor, loader, f"{name} on {split}", cfg.TEST.MAX_IMAGES)
     json_path, _ = resolve_split(cfg.DATASETS.ROOT, split)
     image_ids = [d["image_id"] for d in dataset_dicts] if dataset_dicts is not None else None
