@@ -28,10 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from fnl.config import load_config
-        from fnl.data import build_test_loader
-        from fnl.data.catalog import resolve_split, surface_dir
-        from fnl.engine.inference import predict_dataset
-        from fnl.evaluation import DensePoseCOCOEvaluator, format_results_table, write_results_json
+        from fnl.engine.inference import evaluate_predictor
+        from fnl.evaluation import format_results_table, write_results_json
 
         torch.set_num_threads(args.threads)
         overrides = ["DATASETS.ROOT", ensure_dataset(args.data), *args.opts]
@@ -42,9 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             predictor = OnnxPredictor(args.onnx, threads=args.threads)
         else:
             predictor, cfg = load_model_for_inference(args.ckpt, args.config, overrides, args.unsafe_load)
-        predictions, _ = predict_dataset(predictor, build_test_loader(cfg, args.split), f"evaluate {args.split}")
-        json_path, _ = resolve_split(cfg.DATASETS.ROOT, args.split)
-        results = DensePoseCOCOEvaluator(json_path, surface_dir(cfg.DATASETS.ROOT)).evaluate(predictions)
+        results, _ = evaluate_predictor(predictor, cfg, args.split)
         print(format_results_table(results))
         if args.json:
             write_results_json(results, args.json)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from fnl.config import CfgNode
-from fnl.engine.inference import Predictor, predict_dataset
+from fnl.engine.inference import Predictor, evaluate_predictor
 from fnl.export.report import ReportRow, latency_figures
 
 logger = logging.getLogger("fnl")
@@ -19,20 +19,8 @@ def measure(name: str, fmt: str, precision: str, method: str, predictor: Predict
             ) -> tuple[ReportRow, dict]:
     """AP of ``predictor`` on ``split`` (or on ``dataset_dicts``, a subset of it) and its per-image latency
     (batch 1, torch threads as set by the caller)."""
-    from fnl.data import build_test_loader
-    from fnl.data.catalog import resolve_split, surface_dir
-    from fnl.evaluation import DensePoseCOCOEvaluator
-
-    split = split or cfg.DATASETS.TEST[0]
-    loader = build_test_loader(cfg, split, dataset_dicts)
-    # One untimed call first: lazy initialisation (allocator, kernel selection, ORT arena) is not per-image cost.
-    with torch.no_grad():
-        predictor(next(iter(loader)))
-    predictions, latencies = predict_dataset(predictor, loader, f"{name} on {split}", cfg.TEST.MAX_IMAGES)
-    json_path, _ = resolve_split(cfg.DATASETS.ROOT, split)
-    image_ids = [d["image_id"] for d in dataset_dicts] if dataset_dicts is not None else None
-    results = DensePoseCOCOEvaluator(json_path, surface_dir(cfg.DATASETS.ROOT)).evaluate(predictions,
-                                                                                        image_ids=image_ids)
+    description = f"{name} on {split or cfg.DATASETS.TEST[0]}"
+    results, latencies = evaluate_predictor(predictor, cfg, split, dataset_dicts, description, warmup=True)
     row = ReportRow(name=name, format=fmt, precision=precision, method=method, size_mb=size_mb,
                     bbox_AP=_round(results["bbox"]["AP"]), densepose_AP=_round(results["densepose"]["AP"]),
                     **latency_figures(latencies))

@@ -56,19 +56,37 @@ def predict_dataset(predictor: Predictor, loader: Iterable[list[dict]], descript
     return predictions, latencies
 
 
-def evaluate_model(model: torch.nn.Module, cfg, split: str | None = None) -> dict[str, Any]:
-    """Box AP and DensePose GPS AP of ``model`` on a test split of ``cfg.DATASETS``."""
+def evaluate_predictor(predictor: Predictor, cfg, split: str | None = None, dataset_dicts: list[dict] | None = None,
+                       description: str | None = None, warmup: bool = False) -> tuple[dict[str, Any], list[float]]:
+    """Box AP and DensePose GPS AP of any predictor (float / int8 model, ONNX Runtime or Caffe2 wrapper) on a test
+    split of ``cfg.DATASETS`` (or on ``dataset_dicts``, a subset of it), and its per-image latencies in seconds.
+
+    ``warmup`` makes one untimed call first: lazy initialisation (allocator, kernel selection, ORT arena) is not
+    per-image cost.
+    """
     from fnl.data import build_test_loader
     from fnl.data.catalog import resolve_split, surface_dir
     from fnl.evaluation import DensePoseCOCOEvaluator
 
     split = split or cfg.DATASETS.TEST[0]
-    model.eval()
-    loader = build_test_loader(cfg, split)
-    predictions, latencies = predict_dataset(model, loader, f"evaluate {split}", cfg.TEST.MAX_IMAGES)
+    if isinstance(predictor, torch.nn.Module):
+        predictor.eval()
+    loader = build_test_loader(cfg, split, dataset_dicts)
+    if warmup:
+        with torch.no_grad():
+            predictor(next(iter(loader)))
+    predictions, latencies = predict_dataset(predictor, loader, description or f"evaluate {split}",
+                                             cfg.TEST.MAX_IMAGES)
     json_path, _ = resolve_split(cfg.DATASETS.ROOT, split)
-    evaluator = DensePoseCOCOEvaluator(json_path, surface_dir(cfg.DATASETS.ROOT))
-    results = evaluator.evaluate(predictions)
-    logger.info("evaluation on %s (%d images, median %.1f ms/image): %s", split, len(predictions),
-                1000 * float(np.median(latencies)) if latencies else float("nan"), results)
+    image_ids = [d["image_id"] for d in dataset_dicts] if dataset_dicts is not None else None
+    results = DensePoseCOCOEvaluator(json_path, surface_dir(cfg.DATASETS.ROOT)).evaluate(predictions,
+                                                                                        image_ids=image_ids)
+    return results, latencies
+
+
+def evaluate_model(model: Predictor, cfg, split: str | None = None) -> dict[str, Any]:
+    """Box AP and DensePose GPS AP of ``model`` on a test split of ``cfg.DATASETS``, logged."""
+    results, latencies = evaluate_predictor(model, cfg, split)
+    logger.info("evaluation on %s (%d images, median %.1f ms/image): %s", split or cfg.DATASETS.TEST[0],
+                len(latencies), 1000 * float(np.median(latencies)) if latencies else float("nan"), results)
     return results
