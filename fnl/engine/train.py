@@ -59,6 +59,15 @@ def lr_factor(cfg: CfgNode, iteration: int) -> float:
     return decay
 
 
+def build_scheduler(cfg: CfgNode, optimizer: torch.optim.Optimizer, start_iter: int = 0
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    """cfg.SOLVER's warm-up + multi-step schedule, positioned at ``start_iter`` when resuming."""
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
+    for _ in range(start_iter):  # the schedule is a pure function of the iteration
+        scheduler.step()
+    return scheduler
+
+
 def check_losses_finite(losses: dict[str, torch.Tensor], iteration: int) -> torch.Tensor:
     total = sum(losses.values())
     if not torch.isfinite(total):
@@ -121,9 +130,7 @@ def train(cfg: CfgNode, resume: bool = False, evaluate: bool = True) -> dict[str
         logger.info("resuming from %s at iteration %d", checkpoint, start_iter)
     elif cfg.MODEL.WEIGHTS:
         load_state(model, cfg.MODEL.WEIGHTS)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
-    for _ in range(start_iter):  # the schedule is a pure function of the iteration
-        scheduler.step()
+    scheduler = build_scheduler(cfg, optimizer, start_iter)
 
     train_model: nn.Module = model
     if world_size > 1:

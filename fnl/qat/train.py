@@ -7,12 +7,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from fnl.config import CfgNode
 from fnl.engine.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from fnl.engine.train import build_optimizer, lr_factor, resume_path, run_iterations
+from fnl.engine.train import build_optimizer, build_scheduler, resume_path, run_iterations
 from fnl.qat.quantize import apply_frozen_state, freeze_schedule
 from fnl.utils.io import write_text_atomic
 
@@ -52,9 +51,7 @@ def quantization_aware_training(prepared: nn.Module, cfg: CfgNode, output_dir: s
         start_iter = int(data["iteration"]) + 1
         apply_frozen_state(prepared, cfg, start_iter)
         logger.info("resuming QAT from %s at iteration %d", checkpoint, start_iter)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(qat_cfg, it))
-    for _ in range(start_iter):
-        scheduler.step()
+    scheduler = build_scheduler(qat_cfg, optimizer, start_iter)
 
     def save(name: str, iteration: int) -> None:
         save_checkpoint(output_dir / f"qat_{name}", prepared, cfg, iteration, optimizer=optimizer.state_dict(),
