@@ -161,18 +161,60 @@ def make_blocks_quantizable(root: nn.Module) -> int:
     return replaced
 
 
+@dataclass(frozen=True)
+class QuantizedRegion:
+    """A part of the network that runs on int8 tensors: its input is quantized where it enters and its outputs are
+    dequantized where they leave for float code. The one definition both engines read: the eager engine puts stubs at
+    these boundaries (``patch_for_quantization``), the PT2E engine captures each region as one exported program
+    (``fnl.qat.pt2e``)."""
+
+    name: str
+    modules: tuple[str, ...]  # submodules of GeneralizedRCNN in call order; the region computes their composition
+    entry: str  # where its input comes from: IMAGE, a float module (RoI pooling), or the region whose outputs it takes
+    entry_reason: str
+    exit_reason: str | None  # why its outputs are dequantized; None: they stay int8 for the regions that take them
+    condition: str | None = None  # a flag of the model that must be true for the region to exist
+
+
+IMAGE = "normalized image"
+QUANTIZED_REGIONS = (
+    QuantizedRegion("backbone", ("backbone",), IMAGE, "the normalized image enters int8 here", None),
+    QuantizedRegion("rpn_head", ("proposal_generator.rpn_head",), "backbone", "the RPN head takes the int8 features",
+                    "objectness logits and anchor deltas are decoded into proposals in float"),
+    QuantizedRegion("box_head", ("roi_heads.box_head", "roi_heads.box_predictor"), "roi_heads.box_pooler",
+                    "RoIAlign pools float features", "class scores and box deltas are decoded in float"),
+    QuantizedRegion("densepose_head", ("roi_heads.densepose_head", "roi_heads.densepose_predictor"),
+                    "roi_heads.densepose_pooler", "RoIAlign pools float features",
+                    "segmentation and U/V are post-processed in float", condition="roi_heads.densepose_on"),
+)
+REGION_NAMES = tuple(region.name for region in QUANTIZED_REGIONS)
+
+
+def active_regions(model: nn.Module) -> list[QuantizedRegion]:
+    """The regions ``model`` has (the DensePose one only with the DensePose head on)."""
+    def present(region: QuantizedRegion) -> bool:
+        if region.condition is None:
+            return True
+        owner, _, flag = region.condition.rpartition(".")
+        return bool(getattr(model.get_submodule(owner), flag))
+
+    return [region for region in QUANTIZED_REGIONS if present(region)]
+
+
 def patch_for_quantization(model: nn.Module, float_modules: list[str] | tuple[str, ...] = (),
                            inplace: bool = False, float_predictor: bool = False
                            ) -> tuple[nn.Module, list[FloatIslandRecord]]:
-    """The quantizable model and the list of every float boundary in it.
+    """The quantizable model and the list of every float boundary in it (the eager engine's reading of
+    ``QUANTIZED_REGIONS``).
 
-    ``float_predictor`` keeps the DensePose predictor (four transposed convs) in float: torch 2.14's quantized
-    ConvTranspose2d computes wrong values on the x86 / onednn engines and on qnnpack with padding (fnl.qat.quantize
-    turns it on for those backends; fbgemm is correct).
+    ``float_predictor`` keeps a region's last module in float when it holds transposed convs (the DensePose
+    predictor): torch 2.14's quantized ConvTranspose2d computes wrong values on the x86 / onednn engines and on qnnpack
+    with padding (fnl.qat.quantize turns it on for those backends; fbgemm is correct).
     """
     if not inplace:
         model = copy.deepcopy(model)
     islands: list[FloatIslandRecord] = []
+    regions = active_regions(model)
     make_blocks_quantizable(model.backbone)
 
     def island(name: str, reason: str) -> None:
@@ -191,29 +233,25 @@ def patch_for_quantization(model: nn.Module, float_modules: list[str] | tuple[st
         elif isinstance(module, _FLOAT_ONLY_ACTIVATIONS) and not _inside_island(model, name):
             island(name, f"{type(module).__name__} has no int8 kernel")
 
-    roi = model.roi_heads
-    roi.box_pooler = FloatIsland(roi.box_pooler)
-    islands.append(FloatIslandRecord("roi_heads.box_pooler", "float island", "RoIAlign pools float features"))
-    roi.box_predictor = DequantizeOutputs(roi.box_predictor)
-    islands.append(FloatIslandRecord("roi_heads.box_predictor", "dequantize outputs",
-                                     "class scores and box deltas are decoded in float"))
-    if roi.densepose_on:
-        roi.densepose_pooler = FloatIsland(roi.densepose_pooler)
-        islands.append(FloatIslandRecord("roi_heads.densepose_pooler", "float island", "RoIAlign pools float features"))
-        if float_predictor:
-            roi.densepose_predictor = FloatIsland(roi.densepose_predictor, quantize_output=False)
-            islands.append(FloatIslandRecord("roi_heads.densepose_predictor", "float island",
+    region_names = {region.name for region in regions}
+    for region in regions:
+        if region.entry == IMAGE:
+            first = region.modules[0]
+            _replace(model, first, QuantizeInputs(model.get_submodule(first)))
+            islands.insert(0, FloatIslandRecord(first, "quantize inputs", region.entry_reason))
+        elif region.entry not in region_names:  # a float module feeds the region: it dequantizes and requantizes
+            island(region.entry, region.entry_reason)
+        if region.exit_reason is None:
+            continue
+        last = region.modules[-1]
+        module = model.get_submodule(last)
+        if float_predictor and any(isinstance(m, nn.ConvTranspose2d) for m in module.modules()):
+            _replace(model, last, FloatIsland(module, quantize_output=False))
+            islands.append(FloatIslandRecord(last, "float island",
                                              "quantized ConvTranspose2d is wrong on this backend in torch 2.14"))
         else:
-            roi.densepose_predictor = DequantizeOutputs(roi.densepose_predictor)
-            islands.append(FloatIslandRecord("roi_heads.densepose_predictor", "dequantize outputs",
-                                             "segmentation and U/V are post-processed in float"))
-    rpn = model.proposal_generator
-    rpn.rpn_head = DequantizeOutputs(rpn.rpn_head)
-    islands.append(FloatIslandRecord("proposal_generator.rpn_head", "dequantize outputs",
-                                     "objectness logits and anchor deltas are decoded into proposals in float"))
-    model.backbone = QuantizeInputs(model.backbone)
-    islands.insert(0, FloatIslandRecord("backbone", "quantize inputs", "the normalized image enters int8 here"))
+            _replace(model, last, DequantizeOutputs(module))
+            islands.append(FloatIslandRecord(last, "dequantize outputs", region.exit_reason))
     return model, islands
 
 
