@@ -36,6 +36,7 @@ from torch import nn
 from torch.onnx import symbolic_helper
 
 import fnl
+from fnl.export.graph_compaction import compact_graph
 from fnl.export.runtime import BOX_OUTPUTS, DENSEPOSE_OUTPUTS, INPUT_NAME
 from fnl.hooks.registry import HOOK_KINDS, has_forward_hooks
 from fnl.modeling import GeneralizedRCNN
@@ -88,27 +89,30 @@ def default_onnx_name(model: nn.Module) -> str:
 
 
 def to_onnx(model: GeneralizedRCNN, path: str | Path, sample_image: torch.Tensor,
-            opset: int = DEFAULT_OPSET) -> Path:
+            opset: int = DEFAULT_OPSET, compact: bool = True) -> Path:
     """Export ``model`` (float32 or eager int8) to ``path`` as one ONNX graph; see the module docstring.
 
     ``sample_image`` (3, H, W) or (1, 3, H, W), uint8 or float32, is what the graph is traced with: its dtype becomes
-    the graph's input dtype; any size works as H and W are dynamic. Returns ``path``.
+    the graph's input dtype; any size works as H and W are dynamic. ``compact=False`` keeps torch.onnx's scoped node
+    names (``ort_static_ptq`` selects the int8 regions by them). Returns ``path``.
     """
     image = _export_sample(sample_image)
     wrapper = ExportableRCNN(model)
     names = wrapper.output_names
     dynamic_axes = {INPUT_NAME: {2: "height", 3: "width"}, **{name: {0: "detections"} for name in names}}
     return export_graph(wrapper, (image,), path, [INPUT_NAME], list(names), dynamic_axes, opset,
-                        metadata=_metadata(model, image))
+                        metadata=_metadata(model, image), compact=compact)
 
 
 def export_graph(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: str | Path,
                  input_names: list[str], output_names: list[str], dynamic_axes: dict[str, dict[int, str]],
-                 opset: int = DEFAULT_OPSET, metadata: dict[str, str] | None = None) -> Path:
+                 opset: int = DEFAULT_OPSET, metadata: dict[str, str] | None = None, compact: bool = True) -> Path:
     """Trace ``module`` (float, or eager int8 between QuantStub/DeQuantStub) in eval mode into an ONNX file.
 
     The one place the exporter is configured: TorchScript-based (``dynamo=False``, for int8), constant folding, the
-    file checked with ``onnx.checker`` and written atomically, so a failed export leaves no file behind.
+    graph compacted (``fnl.export.graph_compaction``; ``compact=False`` keeps the exporter's scoped node names for
+    debugging), the file checked with ``onnx.checker`` and written atomically, so a failed export leaves no file
+    behind.
     """
     path = Path(path)
     precision = model_precision(module)
@@ -126,6 +130,8 @@ def export_graph(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], pa
                               input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
                               do_constant_folding=True)
         proto = onnx.load(str(tmp))
+        if compact:
+            proto = compact_graph(proto)
         if metadata:
             onnx.helper.set_model_props(proto, metadata)
         try:

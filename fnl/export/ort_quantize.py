@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
 
+from fnl.export.graph_compaction import compact_onnx_file
 from fnl.export.runtime import INPUT_NAME
 from fnl.utils.io import atomic_path
 
@@ -51,8 +52,10 @@ class _ImageReader(CalibrationDataReader):
 
 
 def ort_static_ptq(float_onnx: str | Path, output: str | Path, calibration_images: Iterable[Any]) -> Path:
-    """Quantize ``float_onnx`` (written by ``fnl.export.to_onnx``) with ONNX Runtime's ``quantize_static`` into
-    ``output``, calibrated on ``calibration_images`` ((3, H, W) RGB, resized as the graph expects). Returns ``output``.
+    """Quantize ``float_onnx`` (written by ``fnl.export.to_onnx(..., compact=False)``: the int8 regions are found by
+    the scoped node names) with ONNX Runtime's ``quantize_static`` into ``output``, calibrated on
+    ``calibration_images`` ((3, H, W) RGB, resized as the graph expects), and compacted as fnl's own exports are, so
+    that file sizes compare. Returns ``output``.
     """
     float_onnx, output = Path(float_onnx), Path(output)
     images = list(calibration_images)
@@ -69,12 +72,12 @@ def ort_static_ptq(float_onnx: str | Path, output: str | Path, calibration_image
         nodes = [node.name for node in onnx.load(str(prepared)).graph.node if node.name.startswith(INT8_SCOPES)]
         if not nodes:
             raise ValueError(f"{float_onnx} has no node in the network's int8 regions ({', '.join(INT8_SCOPES)}): "
-                             "was it exported by fnl.export.to_onnx?")
+                             "was it exported by fnl.export.to_onnx(..., compact=False)?")
         with atomic_path(output) as tmp:
             quantize_static(str(prepared), str(tmp), _ImageReader(images, dtype), quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             nodes_to_quantize=nodes, op_types_to_quantize=list(QUANTIZED_OP_TYPES))
-            onnx.checker.check_model(str(tmp), full_check=True)
+            compact_onnx_file(tmp, tmp)
     logger.info("wrote %s (ONNX Runtime static PTQ of %s, %d calibration images)", output, float_onnx.name,
                 len(images))
     return output

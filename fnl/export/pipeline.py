@@ -15,6 +15,7 @@ From ``quantize_dir`` (``model_fp32.pth``, ``model_int8.pth``) it writes into ``
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 
 from fnl.config import CfgNode
 from fnl.engine.benchmark import measure
+from fnl.export.graph_compaction import compact_onnx_file
 from fnl.export.onnx import DEFAULT_OPSET, to_onnx
 from fnl.export.ort_quantize import ort_static_ptq
 from fnl.export.report import ReportRow, file_megabytes, write_report
@@ -66,10 +68,13 @@ def export_and_report(quantize_dir: str | Path, export_dir: str | Path, data_roo
         int8_model, _ = load_model_for_inference(str(int8_checkpoint), None, overrides)
         mode = _int8_mode(int8_checkpoint)
         test_images = _images(cfg, cfg.DATASETS.TEST[0], verify_images)
-        float_onnx = to_onnx(float_model, export_dir / FLOAT_ONNX, test_images[0], opset)
         int8_onnx = to_onnx(int8_model, export_dir / INT8_ONNX, test_images[0], opset)
         calibration = _images(cfg, cfg.DATASETS.TRAIN[0], calibration_images)
-        ort_ptq_onnx = ort_static_ptq(float_onnx, export_dir / ORT_PTQ_ONNX, calibration)
+        with tempfile.TemporaryDirectory(prefix="fnl-export-") as scratch:
+            # ONNX Runtime's PTQ finds the int8 regions by node name: it gets the float graph before compaction.
+            named_float_onnx = to_onnx(float_model, Path(scratch) / FLOAT_ONNX, test_images[0], opset, compact=False)
+            float_onnx = compact_onnx_file(named_float_onnx, export_dir / FLOAT_ONNX)
+            ort_ptq_onnx = ort_static_ptq(named_float_onnx, export_dir / ORT_PTQ_ONNX, calibration)
         verification = {FLOAT_ONNX: verify_onnx(float_model, float_onnx, test_images, FLOAT32, threads),
                         INT8_ONNX: verify_onnx(int8_model, int8_onnx, test_images, INT8, threads)}
 

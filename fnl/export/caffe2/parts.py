@@ -118,7 +118,8 @@ def export_part(name: str, module: nn.Module, example: torch.Tensor, input_name:
     output_axes = {0: dynamic_axes[0]} if 0 in dynamic_axes else {k: v for k, v in dynamic_axes.items() if k >= 2}
     axes = {input_name: dynamic_axes, **{output: output_axes for output in output_names}}
     with tempfile.TemporaryDirectory(prefix="fnl-caffe2-") as tmp:
+        # Not compacted: the Caffe2 blobs are named after the ONNX values, and scoped names make model.pbtxt readable.
         path = export_graph(module, (example,), Path(tmp) / f"{name.replace(' ', '_')}.onnx", [input_name],
-                            list(output_names), axes, opset)
+                            list(output_names), axes, opset, compact=False)
         model = onnx.load(str(path))
     return OnnxPart(name, model, input_name, tuple(output_names))

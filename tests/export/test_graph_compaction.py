@@ -1,0 +1,90 @@
+"""Graph compaction (fnl.export.graph_compaction): fewer bytes and nodes, the very same outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from fnl.export.graph_compaction import compact_graph, compact_onnx_file
+from fnl.export.onnx import to_onnx
+from fnl.export.runtime import INPUT_NAME
+
+
+def _run(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _toy_graph() -> onnx.ModelProto:
+    """x -> QuantizeLinear -> identity Cast -> DequantizeLinear -> Add(ConstantOfShape zeros) -> If (branches read
+    outer values) -> y, with the same scale stored twice as Constant nodes."""
+    scale = numpy_helper.from_array(np.array(0.1, np.float32))
+    nodes = [
+        helper.make_node("Constant", [], ["/a/scale"], value=scale, name="/a/Constant"),
+        helper.make_node("Constant", [], ["/b/scale"], value=scale, name="/b/Constant"),
+        helper.make_node("Constant", [], ["/a/zero_point"], value=numpy_helper.from_array(np.array(3, np.uint8))),
+        helper.make_node("QuantizeLinear", ["x", "/a/scale", "/a/zero_point"], ["/a/q"], name="/a/QuantizeLinear"),
+        helper.make_node("Cast", ["/a/q"], ["/a/cast"], to=TensorProto.UINT8, name="/a/Cast"),
+        helper.make_node("DequantizeLinear", ["/a/cast", "/b/scale", "/a/zero_point"], ["/a/dq"]),
+        helper.make_node("Constant", [], ["/c/shape"], value=numpy_helper.from_array(np.array([2, 3], np.int64))),
+        helper.make_node("ConstantOfShape", ["/c/shape"], ["/c/ones"],
+                         value=numpy_helper.from_array(np.array([1.0], np.float32))),
+        helper.make_node("Add", ["/a/dq", "/c/ones"], ["/c/sum"]),
+        helper.make_node("ReduceSum", ["/c/sum"], ["/c/total"], keepdims=0),
+        helper.make_node("Constant", [], ["/c/limit"], value=numpy_helper.from_array(np.array(5.0, np.float32))),
+        helper.make_node("Greater", ["/c/total", "/c/limit"], ["/c/big"]),
+    ]
+    then_branch = helper.make_graph([helper.make_node("Mul", ["/c/sum", "/a/scale"], ["/then/out"])], "then", [],
+                                    [helper.make_tensor_value_info("/then/out", TensorProto.FLOAT, [2, 3])])
+    else_branch = helper.make_graph([helper.make_node("Identity", ["/a/dq"], ["/else/out"])], "else", [],
+                                    [helper.make_tensor_value_info("/else/out", TensorProto.FLOAT, [2, 3])])
+    nodes.append(helper.make_node("If", ["/c/big"], ["y"], then_branch=then_branch, else_branch=else_branch))
+    graph = helper.make_graph(nodes, "toy", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_compaction_folds_constants_drops_identity_casts_and_shortens_names_without_changing_outputs():
+    model = _toy_graph()
+    onnx.checker.check_model(model, full_check=True)
+    compacted = compact_graph(model)
+    onnx.checker.check_model(compacted, full_check=True)
+
+    op_types = [node.op_type for node in compacted.graph.node]
+    assert "Constant" not in op_types and "ConstantOfShape" not in op_types and "Cast" not in op_types
+    assert op_types == ["QuantizeLinear", "DequantizeLinear", "Add", "ReduceSum", "Greater", "If"]
+    # Both scale constants became one initializer; the ones of ConstantOfShape an initializer of its own.
+    assert sorted(len(t.dims) for t in compacted.graph.initializer) == [0, 0, 0, 2]
+    assert all(node.name == "" for node in compacted.graph.node)
+    assert all(not name.startswith("/") for node in compacted.graph.node for name in (*node.input, *node.output))
+    assert [v.name for v in compacted.graph.input] == ["x"] and [v.name for v in compacted.graph.output] == ["y"]
+    assert len(model.graph.node) == 13  # the input model is left as it was
+
+    for x in (np.full((2, 3), 0.05, np.float32), np.linspace(-1, 2, 6, dtype=np.float32).reshape(2, 3)):
+        np.testing.assert_array_equal(_run(compacted, {"x": x})[0], _run(model, {"x": x})[0])
+
+
+def test_a_compacted_int8_export_is_smaller_and_computes_exactly_what_the_exporter_wrote(int8_export, tmp_path):
+    named = to_onnx(int8_export.int8_model, tmp_path / "named.onnx", int8_export.images[0], compact=False)
+    compacted = compact_onnx_file(named, tmp_path / "compact.onnx")
+
+    assert compacted.stat().st_size < 0.8 * named.stat().st_size
+    named_ops = [node.op_type for node in onnx.load(str(named)).graph.node]
+    compact_ops = [node.op_type for node in onnx.load(str(compacted)).graph.node]
+    # The exporter's uint8 -> uint8 casts sat between every QuantizeLinear and DequantizeLinear.
+    assert named_ops.count("Cast") > compact_ops.count("Cast") and "Constant" not in compact_ops
+    assert compact_ops.count("Conv") == named_ops.count("Conv")
+    for image in [*int8_export.images[:3], int8_export.blank]:
+        feeds = {INPUT_NAME: image[None].numpy()}
+        for ours, exporters in zip(_run(str(compacted), feeds), _run(str(named), feeds), strict=True):
+            np.testing.assert_array_equal(ours, exporters)
+
+
+def test_fnl_exports_are_compacted_by_default(int8_export):
+    graph = onnx.load(str(int8_export.path)).graph
+    assert all(node.name == "" for node in graph.node)
+    assert not any(node.op_type == "Constant" for node in graph.node)
