@@ -1,8 +1,8 @@
 """fnl-demo --output DIR: the whole pipeline on the embedded synthetic set, in one command.
 
-generate data -> train a float model briefly -> QAT + PTQ -> int8 -> export ONNX -> verify -> one report with every
-row (DIR/report.json, report.md, report.png). Finished stages are reused when their inputs (config, checkpoint bytes)
-are unchanged; --force reruns everything."""
+generate data -> train a float model briefly -> QAT + PTQ -> int8 -> export ONNX and Caffe2 -> verify -> one report
+with every row (DIR/report.json, report.md, report.png). Finished stages are reused when their inputs (config,
+checkpoint bytes) are unchanged; --force reruns everything."""
 
 from __future__ import annotations
 
@@ -105,11 +105,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def export_rows(output: Path, quantize_dir: Path, data_root: str, args: argparse.Namespace) -> list[dict]:
-    """ONNX rows, once fnl.export provides them (float32, int8 QAT, ONNX Runtime's own static PTQ)."""
-    try:
-        from fnl.export.pipeline import export_and_report
-    except ImportError:
-        return []
+    """The export report's rows beyond PyTorch's: ONNX float32, int8 QAT, ONNX Runtime's own static PTQ, Caffe2
+    int8."""
+    from fnl.export.pipeline import export_and_report
+
     export_dir = output / "export"
     key = {"fp32": file_digest(quantize_dir / "model_fp32.pth"), "int8": file_digest(quantize_dir / "model_int8.pth")}
 

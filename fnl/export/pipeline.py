@@ -6,10 +6,12 @@ From ``quantize_dir`` (``model_fp32.pth``, ``model_int8.pth``) it writes into ``
   came from (``FLOAT32`` / ``INT8`` criteria on the first test images; box and DensePose AP on the test split);
 - ``model_ort_ptq.onnx``: ONNX Runtime's ``quantize_static`` of the float graph, calibrated on training images (the
   peer our QAT int8 export is measured against);
-- ``report.json`` / ``report.md`` / ``report.png`` (DESIGN.md's layout) with five rows measured the same way
+- ``caffe2_int8/``: the int8 model as Caffe2 NetDefs (``fnl.export.caffe2``), scored by executing them;
+- ``report.json`` / ``report.md`` / ``report.png`` (DESIGN.md's layout) with six rows measured the same way
   (``fnl.engine.benchmark.measure``: the test split, batch 1, ``threads`` CPU threads): PyTorch float32, PyTorch
-  int8, ONNX float32, ONNX int8, ONNX int8 (ORT static PTQ). The verification results are in ``report.json`` under
-  ``"verification"``; a failed verification is reported there and logged, it does not stop the report.
+  int8, ONNX float32, ONNX int8, ONNX int8 (ORT static PTQ), Caffe2 int8 (size and AP only). The verification
+  results are in ``report.json`` under ``"verification"``; a failed verification is reported there and logged, it
+  does not stop the report.
 """
 
 from __future__ import annotations
@@ -36,14 +38,19 @@ logger = logging.getLogger("fnl")
 
 FLOAT_CHECKPOINT, INT8_CHECKPOINT = "model_fp32.pth", "model_int8.pth"
 FLOAT_ONNX, INT8_ONNX, ORT_PTQ_ONNX = "model_fp32.onnx", "model_int8.onnx", "model_ort_ptq.onnx"
-OUTPUTS = (FLOAT_ONNX, INT8_ONNX, ORT_PTQ_ONNX, "report.json", "report.md", "report.png")
+CAFFE2_INT8_DIR = "caffe2_int8"
+OUTPUTS = (FLOAT_ONNX, INT8_ONNX, ORT_PTQ_ONNX, f"{CAFFE2_INT8_DIR}/model.pb", "report.json", "report.md",
+           "report.png")
 ORT_PTQ_ROW = "ONNX int8 (ORT static PTQ)"
 
 
 def export_and_report(quantize_dir: str | Path, export_dir: str | Path, data_root: str | Path, threads: int = 2,
                       input_size: int | None = None, verify_images: int = 8, calibration_images: int = 16,
-                      opset: int = DEFAULT_OPSET) -> dict[str, Any]:
+                      opset: int = DEFAULT_OPSET, caffe2: bool = True) -> dict[str, Any]:
     """Export, verify, quantize with ONNX Runtime and measure; returns the ``report.json`` document.
+
+    ``caffe2`` adds the int8 model as Caffe2 NetDefs (``export_dir/caffe2_int8``, stock Caffe2's per-tensor weight
+    scales) and a row with their size and AP, scored by fnl's reference executor (no latency: it is a checker).
 
     ``input_size`` (the test images' shortest side) defaults to the float model's ``INPUT.MIN_SIZE_TEST``.
     ``verify_images`` test images are compared output by output; ``calibration_images`` training images calibrate
@@ -88,19 +95,29 @@ def export_and_report(quantize_dir: str | Path, export_dir: str | Path, data_roo
         onnx_float, onnx_float_results = onnx_row("ONNX float32", "float32", "float", float_onnx)
         onnx_int8, onnx_int8_results = onnx_row(f"ONNX int8 ({mode.upper()})", "int8", mode, int8_onnx)
         ort_ptq, _ = onnx_row(ORT_PTQ_ROW, "int8", "ort-static-ptq", ort_ptq_onnx)
+        rows = [torch_float, torch_int8, onnx_float, onnx_int8, ort_ptq]
+        if caffe2:
+            rows.append(_caffe2_int8_row(int8_model, export_dir / CAFFE2_INT8_DIR, cfg, mode))
     verification[FLOAT_ONNX].rows.extend(ap_rows(torch_float_results, onnx_float_results, FLOAT32))
     verification[INT8_ONNX].rows.extend(ap_rows(torch_int8_results, onnx_int8_results, INT8))
     for name, report in verification.items():
         log = logger.info if report.passed else logger.warning
         log("verification of %s against PyTorch:\n%s", name, report.table())
 
-    rows = [torch_float, torch_int8, onnx_float, onnx_int8, ort_ptq]
     notes = _notes(rows, verification, cfg, threads, len(calibration))
     extra = {"verification": {name: report.as_dict() for name, report in verification.items()},
              "onnx": {"opset": opset, "files": {FLOAT_ONNX: onnx_float.name, INT8_ONNX: onnx_int8.name,
                                                 ORT_PTQ_ONNX: ort_ptq.name}}}
     return write_report(export_dir, rows, cfg.INPUT.MIN_SIZE_TEST, threads,
-                        "fnl-export: PyTorch and ONNX Runtime, float32 and int8", notes, extra)
+                        "fnl-export: PyTorch, ONNX Runtime and Caffe2, float32 and int8", notes, extra)
+
+
+def _caffe2_int8_row(int8_model: torch.nn.Module, directory: Path, cfg: CfgNode, mode: str) -> ReportRow:
+    from fnl.export.caffe2 import caffe2_report_row, to_caffe2
+
+    to_caffe2(int8_model, directory)
+    row, _ = caffe2_report_row(f"Caffe2 int8 ({mode.upper()})", directory, cfg, "int8", mode)
+    return row
 
 
 def verification_passed(document: dict[str, Any]) -> bool:
@@ -148,7 +165,7 @@ def _notes(rows: list[ReportRow], verification: dict[str, VerificationReport], c
         f"{_ratio(onnx_float.latency_ms_p50, row.latency_ms_p50)} faster"
         for row in rows if row.format == "onnx" and row.precision == "int8")
     tables = "\n\n".join(f"`{name}`:\n\n```\n{report.table()}\n```" for name, report in verification.items())
-    torch_float, torch_int8, _, onnx_int8, _ = rows
+    torch_float, torch_int8, _, onnx_int8 = rows[:4]
     # Two int8 runtimes round differently in a few outputs per layer and a deep int8 network spreads that: the
     # int8 model's own distance from float32 says how large such differences are for this model.
     scale = (f"For scale, box / DensePose AP of `{torch_int8.name}` minus `{torch_float.name}`: "
@@ -166,6 +183,10 @@ def _notes(rows: list[ReportRow], verification: dict[str, VerificationReport], c
         "Verification against the PyTorch model each file was exported from (detections and DensePose outputs on "
         "the first test images, AP on the test split; also in report.json under `verification`):\n\n" + tables,
         scale,
+        *([f"`Caffe2 int8`: `{CAFFE2_INT8_DIR}/` model.pb + model_init.pb, QNNPACK-style int8 ops with stock "
+           "Caffe2's per-tensor weight scales (fbgemm's per-channel weights requantized to one scale per tensor), "
+           "scored by executing the nets with fnl's reference executor; no latency: the executor is a checker, "
+           "not a device runtime."] if any(row.format == "caffe2" for row in rows) else []),
     ]
 
 
