@@ -18,8 +18,9 @@ IoU >= 0.9 and, with --data, box and DensePose AP on the test split within 0.5 o
 
 --from-quantize takes a fnl-quantize output directory (model_fp32.pth, model_int8.pth) and writes into DIR
 model_fp32.onnx, model_int8.onnx, model_ort_ptq.onnx (ONNX Runtime's own static PTQ of the float graph, calibrated on
-training images) and the size / AP / FPS report report.json, report.md, report.png with five rows: PyTorch float32,
-PyTorch int8, ONNX float32, ONNX int8, ONNX int8 (ORT static PTQ). Both exports are always verified; the command
+training images), caffe2_int8/ (the int8 model as Caffe2 NetDefs) and the size / AP / FPS report report.json,
+report.md, report.png with six rows: PyTorch float32, PyTorch int8, ONNX float32, ONNX int8, ONNX int8 (ORT static
+PTQ), Caffe2 int8 (size and AP: its reference executor is a checker). Both ONNX exports are always verified; the command
 exits with status 1 if either verification fails (the report is written either way).
 """
 
