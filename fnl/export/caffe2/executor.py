@@ -727,8 +727,15 @@ def _int8_conv_common(inputs: list[Blob], args: Args, op: str, relu: bool, trans
     if b.data.dtype != torch.int32:
         raise TypeError(f"{op} bias must hold int32 values, got {b.data.dtype}")
     y_scale, y_zero_point = _output_args(args)
-    x_real = (x.data.to(torch.float64) - x.zero_point).permute(0, 3, 1, 2)
-    w_int = w.data.to(torch.float64) - w.zero_point
+    x_int = (x.data.to(torch.int32) - x.zero_point).permute(0, 3, 1, 2)
+    w_int = w.data.to(torch.int32) - w.zero_point
+    # The accumulation must be exact (int32 in QNNPACK). float32 sums integers exactly while every partial sum stays
+    # below 2**24; past that bound (long reductions of large codes) float64 is used.
+    # Products one output sums: kH * kW * C/group (W is M,kH,kW,C/group); transposed, at most C_in * kH * kW.
+    terms = w.data[0].numel() if not transposed else w.data.shape[0] * w.data.shape[1] * w.data.shape[2]
+    bound = terms * int(x_int.abs().max()) * int(w_int.abs().max()) if x_int.numel() and w_int.numel() else 0
+    exact = torch.float32 if bound < 2**24 else torch.float64
+    x_real, w_int = x_int.to(exact), w_int.to(exact)
     if transposed:  # W (C_in, kH, kW, C_out) -> (C_in, C_out, kH, kW)
         out_channels = w.data.shape[3]
         weight = w_int.permute(0, 3, 1, 2)
@@ -742,7 +749,7 @@ def _int8_conv_common(inputs: list[Blob], args: Args, op: str, relu: bool, trans
         weight = w_int.permute(0, 3, 1, 2)
         window = _Window.from_args(args, (w.data.shape[1], w.data.shape[2]))
         acc = F.conv2d(window.pad(x_real, float(0)), weight, None, window.stride, 0, window.dilation, window.group)
-    acc = acc + b.data.to(torch.float64).view(1, -1, 1, 1)
+    acc = acc.to(torch.float64) + b.data.to(torch.float64).view(1, -1, 1, 1)
     multiplier = _requantization_scales(x.scale, w.scales(out_channels), y_scale)
     codes = _requantize(acc * multiplier.view(1, -1, 1, 1), y_zero_point, _relu_floor(relu, y_scale, y_zero_point))
     return [Int8Tensor(codes.permute(0, 2, 3, 1).contiguous(), y_scale, y_zero_point)]
