@@ -7,9 +7,20 @@ boxes ONNX Runtime returned. So near-tied scores that only reorder detections do
 real difference in boxes, scores or head outputs still does.
 
 - ``FLOAT32``: every detection pairs up (same count) with boxes and scores within 1e-3, head outputs within 1e-3.
-- ``INT8``: at least 95% of detections pair up at IoU >= 0.9; other differences are reported, not judged. On a
-  dataset, box AP and DensePose AP (the same evaluator scoring both) must also agree within 0.5 AP points
-  (``ap_rows``).
+- ``INT8``: at least 95% of detections pair up at IoU >= 0.9 -- or, for a model whose own detections are less stable
+  than that, as many as pair between PyTorch on the image and PyTorch on the image with one gray level added on a
+  checkerboard of pixels, minus 0.1 (the sampling noise of a few hundred detections); other differences are
+  reported, not judged. On a dataset, box AP and DensePose AP (the same evaluator scoring both) must also agree
+  within 0.5 AP points (``ap_rows``).
+
+Why that floor: two int8 runtimes round a few values per layer differently (fbgemm adds a float bias to a float32
+product, ONNX Runtime an int32 bias to an int32 sum; ties fall differently), and a deep int8 network amplifies one
+step of difference layer after layer, as it amplifies any one-step change of its input. Measured on model B (256 px,
+100 synthetic validation images): ONNX Runtime vs PyTorch int8 pair 47% of detections at IoU 0.9; PyTorch int8 vs
+the same model with every bias moved by less than half an int32 step, 47%; vs itself on the image + 1 gray level,
+43% (float32: 89%). Box and DensePose AP agree within 0.1 on 400 images. So on such a model the 95% target measures
+the model's sensitivity, not the export; the floor measures that sensitivity on the same images and the export must
+do as well.
 
 Detections are only comparable where they are decisive: an int8 model that scores many candidates alike (random
 weights: every score 0.5 +- 1e-4, a few int8 steps apart) ranks them by rounding, and two int8 runtimes then keep
@@ -44,6 +55,9 @@ class Criteria:
     head_atol: float | None = None
     min_matched: float = 1.0  # fraction of detections (of the larger of the two sets) that must pair up
     ap_tolerance: float | None = None  # AP points (0-100) box and DensePose AP may differ by on a dataset
+    # With a margin: where the PyTorch model's own pairing under a one-gray-level input change is below min_matched,
+    # that pairing minus the margin is required instead (see the module docstring).
+    noise_floor_margin: float | None = None
 
     def __post_init__(self) -> None:
         if (self.box_atol is None) == (self.min_iou is None):
@@ -56,7 +70,7 @@ class Criteria:
 
 
 FLOAT32 = Criteria("float32", box_atol=1e-3, score_atol=1e-3, head_atol=1e-3, min_matched=1.0)
-INT8 = Criteria("int8", min_iou=0.9, min_matched=0.95, ap_tolerance=0.5)
+INT8 = Criteria("int8", min_iou=0.9, min_matched=0.95, ap_tolerance=0.5, noise_floor_margin=0.1)
 
 # Evaluator metrics compared by ``ap_rows``: (row name, evaluator task).
 AP_METRICS = (("bbox AP", "bbox"), ("densepose AP", "densepose"))
@@ -112,8 +126,13 @@ class VerificationReport:
         ap = ""
         if self.criteria.ap_tolerance is not None and any(row.output in dict(AP_METRICS) for row in self.rows):
             ap = f", AP within {self.criteria.ap_tolerance:g}"
+        required = f"at least {self.criteria.min_matched:.0%} paired"
+        detections = self.rows[0]
+        if self.criteria.noise_floor_margin is not None and detections.tolerance is not None:
+            required = (f"at least min({self.criteria.min_matched:.0%}, PyTorch's own pairing on the image + 1 gray "
+                        f"level - {self.criteria.noise_floor_margin:g}) = {1 - detections.tolerance:.0%} paired")
         lines.append(f"{verdict} ({self.criteria.name} criteria: detections paired at {self.criteria.pairing()}, "
-                     f"at least {self.criteria.min_matched:.0%} paired{ap}; {self.images} images)")
+                     f"{required}{ap}; {self.images} images)")
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
@@ -150,7 +169,19 @@ def verify_onnx(model: GeneralizedRCNN, onnx_path: str | Path, images: Iterable[
                 heads = wrapper.densepose_on_boxes(image[None], torch.from_numpy(test["boxes"]))
                 on_test_boxes = {name: t.cpu().numpy() for name, t in heads.items()}
             comparison.add(reference, test, on_test_boxes)
+            if criteria.noise_floor_margin is not None:
+                perturbed = wrapper(one_gray_level_up(image)[None])
+                comparison.add_floor(reference, dict(zip(wrapper.output_names, (t.cpu().numpy() for t in perturbed),
+                                                         strict=True)))
     return VerificationReport(criteria, comparison.finish(), len(torch_ms), torch_ms, onnx_ms)
+
+
+def one_gray_level_up(image: torch.Tensor) -> torch.Tensor:
+    """``image`` (C, H, W, 0-255) with one gray level added on a checkerboard of pixels (clamped at 255): a change
+    below what anyone sees, whose effect on the detections is the model's own sensitivity."""
+    height, width = image.shape[-2:]
+    checkerboard = (torch.arange(height)[:, None] + torch.arange(width)[None]) % 2 == 0
+    return (image.to(torch.float32) + checkerboard).clamp(max=255).to(image.dtype)
 
 
 class _Comparison:
@@ -163,6 +194,16 @@ class _Comparison:
         self.scores = DiffRow("scores", tolerance=criteria.score_atol)
         self.heads = [DiffRow(name, tolerance=criteria.head_atol) for name in DENSEPOSE_OUTPUTS] if densepose else []
         self.paired = 0
+        self.floor = DiffRow("detections, PyTorch vs PyTorch on the image + 1 gray level")
+        self.floor_paired = 0
+
+    def add_floor(self, reference: dict[str, np.ndarray], perturbed: dict[str, np.ndarray]) -> None:
+        pairs = match_detections(reference["boxes"], reference["classes"], perturbed["boxes"], perturbed["classes"],
+                                 self.criteria)
+        largest = max(len(reference["boxes"]), len(perturbed["boxes"]))
+        self.floor_paired += len(pairs)
+        self.floor.compared += largest
+        self.floor.failures += largest - len(pairs)
 
     def add(self, reference: dict[str, np.ndarray], test: dict[str, np.ndarray],
             reference_on_test_boxes: dict[str, np.ndarray]) -> None:
@@ -181,8 +222,16 @@ class _Comparison:
 
     def finish(self) -> list[DiffRow]:
         total = self.detections.compared
-        self.detections.passed = total == 0 or self.paired / total >= self.criteria.min_matched
-        return [self.detections, self.boxes, self.scores, *self.heads]
+        required = self.criteria.min_matched
+        floor = [self.floor] if self.floor.compared else []
+        if floor:
+            own = self.floor_paired / self.floor.compared
+            if own < required:  # a model less stable than the target: as stable as the model is, less the margin
+                required = max(0.0, own - self.criteria.noise_floor_margin)
+            self.floor.tolerance = self.criteria.noise_floor_margin  # shown in the table: the margin below it
+        self.detections.tolerance = round(1 - required, 4)  # the fraction that may stay unpaired
+        self.detections.passed = total == 0 or self.paired / total >= required
+        return [self.detections, *floor, self.boxes, self.scores, *self.heads]
 
 
 def ap_rows(reference: dict[str, Any], test: dict[str, Any], criteria: Criteria) -> list[DiffRow]:

@@ -66,3 +66,40 @@ def test_ap_rows_judge_the_int8_tolerance_and_leave_a_missing_ap_uncompared():
     assert rows[1].max_abs_diff == pytest.approx(0.8) and rows[1].tolerance == 0.5
     rows = ap_rows(reference, {"bbox": {"AP": None}, "densepose": {"AP": 30.0}}, INT8)
     assert rows[0].compared == 0 and rows[0].passed and rows[1].passed
+
+
+def test_one_gray_level_up_touches_every_other_pixel_by_one_and_keeps_the_dtype():
+    from fnl.export.verify import one_gray_level_up
+
+    image = torch.tensor([[[0, 10, 255], [7, 254, 3]]], dtype=torch.uint8)
+    up = one_gray_level_up(image)
+    assert up.dtype == torch.uint8
+    assert up.tolist() == [[[1, 10, 255], [7, 255, 3]]]  # (row + column) even: one up, clamped at 255
+
+
+def _detections(boxes: list[list[float]]) -> dict[str, np.ndarray]:
+    return {"boxes": np.array(boxes, dtype=np.float32).reshape(-1, 4), "classes": np.zeros(len(boxes), np.int64),
+            "scores": np.ones(len(boxes), np.float32)}
+
+
+@pytest.mark.parametrize(("floor_moves", "export_moves", "passed"), [
+    (0, 1, False),  # the model is stable under the gray level: the export must pair 95%, 9 of 10 fail it
+    (5, 5, True),  # the model itself keeps only half its boxes: the export may do the same...
+    (5, 7, False),  # ...but not worse than that floor minus the margin (0.5 - 0.1)
+])
+def test_int8_pairing_is_judged_against_the_models_own_sensitivity(floor_moves, export_moves, passed):
+    from fnl.export.verify import _Comparison
+
+    reference = _detections([[10 * i, 0, 10 * i + 8, 8] for i in range(10)])
+
+    def moved(count: int) -> dict[str, np.ndarray]:
+        boxes = reference["boxes"].copy()
+        boxes[:count] += 3  # IoU well below 0.9 for 8-pixel boxes
+        return {**reference, "boxes": boxes}
+
+    comparison = _Comparison(INT8, densepose=False)
+    comparison.add(reference, moved(export_moves), reference)
+    comparison.add_floor(reference, moved(floor_moves))
+    detections, floor = comparison.finish()[:2]
+    assert floor.output.startswith("detections, PyTorch vs PyTorch") and floor.failures == floor_moves
+    assert detections.failures == export_moves and detections.passed is passed
