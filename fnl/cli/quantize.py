@@ -1,5 +1,11 @@
-"""fnl-quantize --ckpt model.pth [--config F] [--data DIR] [--iters N] [--backend x86|fbgemm|qnnpack]
-[--mode qat|ptq] --output DIR: patch -> fuse -> QAT (or PTQ) -> int8, and a float32-vs-int8 report."""
+"""fnl-quantize --ckpt model.pth [--config F] [--data DIR] [--iters N] [--engine eager|pt2e]
+[--backend x86|fbgemm|qnnpack] [--mode qat|ptq] --output DIR: patch -> fuse -> QAT (or PTQ) -> int8, and a
+float32-vs-int8 report.
+
+--engine eager (default): torch.ao eager mode on the --backend's kernels; writes model_int8.pth (+ model_int8_ptq.pth).
+--engine pt2e: torchao PT2E with ExecuTorch's XNNPACK quantizer over the same int8 regions, the same QAT loop and
+evaluator; writes model_pt2e.pth (+ model_pt2e_ptq.pth), the prepared state that `fnl-export --format executorch`
+lowers to XNNPACK .pte programs. Needs the executorch extra (pip install 'fnl[executorch]')."""
 
 from __future__ import annotations
 
@@ -17,7 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", help="dataset root (default: the embedded synthetic set)")
     parser.add_argument("--output", required=True, help="output directory")
     parser.add_argument("--iters", type=int, help="QAT iterations (QUANTIZATION.MAX_ITER)")
-    parser.add_argument("--backend", choices=["fbgemm", "x86", "qnnpack"], help="QUANTIZATION.BACKEND (default fbgemm)")
+    parser.add_argument("--engine", choices=["eager", "pt2e"], default="eager",
+                        help="torch.ao eager mode (default) or torchao PT2E for ExecuTorch / XNNPACK")
+    parser.add_argument("--backend", choices=["fbgemm", "x86", "qnnpack"],
+                        help="QUANTIZATION.BACKEND of the eager engine (default fbgemm)")
     parser.add_argument("--mode", choices=["qat", "ptq"], default="qat", help="QAT (default) or calibration only")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for the latency figures (default 2)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted QAT run in --output")
@@ -34,10 +43,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fnl.qat.report import quantize_and_report
+    from fnl.qat.report import int8_checkpoint_names, quantize_and_report
 
+    if args.engine == "pt2e":
+        if args.backend:
+            raise ValueError(f"--backend {args.backend} selects a torch.ao eager engine; --engine pt2e always "
+                             "quantizes for XNNPACK (ExecuTorch's quantizer and kernels): drop --backend")
+        from fnl.qat.pt2e import PT2EUnavailableError, require_pt2e
+
+        try:
+            require_pt2e()
+        except PT2EUnavailableError as exc:
+            raise ValueError(str(exc)) from exc
     output = Path(args.output)
-    int8_path = output / "model_int8.pth"
+    int8_path = output / int8_checkpoint_names(args.engine)[0]
     if int8_path.exists() and not (args.force or args.resume):
         raise FileExistsError(f"{int8_path} already exists; pass --force to overwrite it or --resume")
     overrides = ["DATASETS.ROOT", ensure_dataset(args.data), "OUTPUT_DIR", str(output)]
@@ -47,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         overrides += ["QUANTIZATION.BACKEND", args.backend]
     overrides += ["QUANTIZATION.MODE", args.mode, *args.opts]
     document = quantize_and_report(args.ckpt, output, args.config, overrides, threads=args.threads,
-                                   resume=args.resume, allow_unsafe=args.unsafe_load)
+                                   resume=args.resume, allow_unsafe=args.unsafe_load, engine=args.engine)
     print((output / "report.md").read_text())
     print(f"int8 model: {int8_path}\nreport: {output / 'report.json'}")
     return 0 if document else 1

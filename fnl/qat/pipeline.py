@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,16 +22,33 @@ class QuantizationResult:
     stages: QuantizationStages
     history: list[dict[str, float]] = field(default_factory=list)
     prepared: nn.Module | None = None  # the fake-quant (QAT) / observed (PTQ) model before convert
+    engine: str = "eager"
+
+
+ENGINES = ("eager", "pt2e")
+
+
+def engine_stages(engine: str) -> tuple[Callable[..., nn.Module], Callable[..., nn.Module]]:
+    """(prepare, convert) of an engine: torch.ao eager mode, or torchao PT2E with the XNNPACK quantizer."""
+    if engine == "eager":
+        return prepare, convert
+    if engine == "pt2e":
+        from fnl.qat.pt2e import convert_pt2e_model, prepare_pt2e_model
+
+        return prepare_pt2e_model, convert_pt2e_model
+    raise ValueError(f"quantization engine must be one of {ENGINES}, got '{engine}'")
 
 
 def quantize(float_model: nn.Module, cfg: CfgNode, mode: str | None = None, output_dir: str | Path | None = None,
-             resume: bool = False) -> QuantizationResult:
+             resume: bool = False, engine: str = "eager") -> QuantizationResult:
     """patch -> fuse -> prepare -> calibrate -> (QAT) -> convert on cfg.DATASETS.TRAIN; ``float_model`` is untouched.
 
-    QAT checkpoints go to ``output_dir`` (required for QAT, so that ``resume`` can pick them up).
+    QAT checkpoints go to ``output_dir`` (required for QAT, so that ``resume`` can pick them up). ``engine`` picks
+    how the int8 regions are prepared and converted; calibration and the QAT loop are the same for both.
     """
     from fnl.data import build_train_loader
 
+    prepare, convert = engine_stages(engine)
     mode = mode or cfg.QUANTIZATION.MODE
     stages = QuantizationStages()
     prepared = prepare(float_model.eval(), cfg, mode, stages)
@@ -45,4 +63,4 @@ def quantize(float_model: nn.Module, cfg: CfgNode, mode: str | None = None, outp
 
         history = quantization_aware_training(prepared, cfg, output_dir, resume)
     int8 = convert(prepared, stages)
-    return QuantizationResult(int8, mode, stages, history, prepared)
+    return QuantizationResult(int8, mode, stages, history, prepared, engine)

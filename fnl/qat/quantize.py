@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -113,16 +114,40 @@ def calibrate(prepared: nn.Module, batches: Iterable[list[dict]], num_images: in
     return seen
 
 
+@runtime_checkable
+class FreezableRegion(Protocol):
+    """A module that freezes its own BN statistics and observers: the PT2E engine's captured regions
+    (``fnl.qat.pt2e.ExportedRegion``), whose fake-quant modules and batch norms torch.ao's functions do not know."""
+
+    def freeze_bn_statistics(self) -> None: ...
+
+    def freeze_observers(self) -> None: ...
+
+
+def freeze_bn_statistics(model: nn.Module) -> None:
+    model.apply(freeze_bn_stats)
+    for module in model.modules():
+        if isinstance(module, FreezableRegion):
+            module.freeze_bn_statistics()
+
+
+def freeze_observers(model: nn.Module) -> None:
+    model.apply(disable_observer)
+    for module in model.modules():
+        if isinstance(module, FreezableRegion):
+            module.freeze_observers()
+
+
 def freeze_schedule(model: nn.Module, cfg: CfgNode):
     """The per-iteration hook of the QAT loop: freeze BN statistics, then the observers, at the configured steps."""
     q = cfg.QUANTIZATION
 
     def on_iteration(iteration: int) -> None:
         if iteration == q.FREEZE_BN_ITER:
-            model.apply(freeze_bn_stats)
+            freeze_bn_statistics(model)
             logger.info("QAT iteration %d: BN statistics frozen", iteration)
         if iteration == q.FREEZE_OBSERVER_ITER:
-            model.apply(disable_observer)
+            freeze_observers(model)
             logger.info("QAT iteration %d: observers frozen", iteration)
 
     return on_iteration
@@ -131,9 +156,9 @@ def freeze_schedule(model: nn.Module, cfg: CfgNode):
 def apply_frozen_state(model: nn.Module, cfg: CfgNode, iteration: int) -> None:
     """Re-apply the freezes a resumed QAT run had already passed."""
     if iteration > cfg.QUANTIZATION.FREEZE_BN_ITER:
-        model.apply(freeze_bn_stats)
+        freeze_bn_statistics(model)
     if iteration > cfg.QUANTIZATION.FREEZE_OBSERVER_ITER:
-        model.apply(disable_observer)
+        freeze_observers(model)
 
 
 def convert(prepared: nn.Module, stages: QuantizationStages | None = None) -> nn.Module:

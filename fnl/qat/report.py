@@ -32,15 +32,34 @@ def resolve_config(ckpt: str | Path, config: str | None, overrides: Sequence[str
 
 
 def int8_row(result: QuantizationResult, cfg: CfgNode, path: Path) -> ReportRow:
+    """Save the int8 model and measure it. A PT2E model is saved as its prepared state (weights and observer
+    ranges, reloaded by ``fnl.qat.pt2e.load_pt2e_checkpoint``), which is not an int8 file: its size is left
+    unmeasured here and the deployable int8 file is the ExecuTorch export (``fnl-export --format executorch``)."""
+    if result.engine == "pt2e":
+        from fnl.qat.pt2e import save_pt2e_checkpoint
+
+        save_pt2e_checkpoint(path, result.prepared, cfg, result.mode)
+        row, _ = measure(f"PyTorch int8 (PT2E {result.mode.upper()})", "pytorch", "int8", result.mode,
+                         result.int8_model, cfg, None)
+        return row
     save_int8_checkpoint(path, result.int8_model, cfg, result.mode)
     row, _ = measure(f"PyTorch int8 ({result.mode.upper()})", "pytorch", "int8", result.mode, result.int8_model, cfg,
                      file_megabytes(path))
     return row
 
 
+def int8_checkpoint_names(engine: str) -> tuple[str, str]:
+    """The files fnl-quantize writes for the int8 model and its PTQ baseline."""
+    if engine == "pt2e":
+        from fnl.qat.pt2e import PT2E_CHECKPOINT, PT2E_PTQ_CHECKPOINT
+
+        return PT2E_CHECKPOINT, PT2E_PTQ_CHECKPOINT
+    return "model_int8.pth", "model_int8_ptq.pth"
+
+
 def quantize_and_report(ckpt: str | Path, output: str | Path, config: str | None, overrides: Sequence[str],
                         threads: int = 2, resume: bool = False, allow_unsafe: bool = False,
-                        ptq_baseline: bool = True) -> dict[str, Any]:
+                        ptq_baseline: bool = True, engine: str = "eager") -> dict[str, Any]:
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     setup_logger(output)
@@ -55,21 +74,28 @@ def quantize_and_report(ckpt: str | Path, output: str | Path, config: str | None
                     model_file_megabytes(float_model, output / "model_fp32.pth", cfg))[0]]
 
     mode = cfg.QUANTIZATION.MODE
-    result = quantize(float_model, cfg, mode, output, resume)
-    rows.append(int8_row(result, cfg, output / "model_int8.pth"))
+    int8_name, ptq_name = int8_checkpoint_names(engine)
+    result = quantize(float_model, cfg, mode, output, resume, engine)
+    rows.append(int8_row(result, cfg, output / int8_name))
     if mode == "qat" and ptq_baseline:
-        rows.append(int8_row(quantize(float_model, cfg, "ptq"), cfg, output / "model_int8_ptq.pth"))
+        rows.append(int8_row(quantize(float_model, cfg, "ptq", engine=engine), cfg, output / ptq_name))
 
     hooks = {stage: len(records) for stage, records in result.stages.hook_audits.items()}
     q = cfg.QUANTIZATION
+    backend = (f"Engine PT2E (torchao `prepare{'_qat' if mode == 'qat' else ''}_pt2e` / `convert_pt2e`, ExecuTorch's "
+               "XNNPACK quantizer: int8 per-channel symmetric weights, int8 activations; each region below is one "
+               "`torch.export` program)" if engine == "pt2e" else f"Backend `{q.BACKEND}`")
     notes = [
-        f"Backend `{q.BACKEND}`; {mode.upper()}"
+        f"{backend}; {mode.upper()}"
         + (f" for {q.MAX_ITER} iterations at LR {q.BASE_LR} (BN frozen at {q.FREEZE_BN_ITER}, observers at "
            f"{q.FREEZE_OBSERVER_ITER})" if mode == "qat" else "")
         + f"; {q.CALIBRATION_IMAGES} calibration images.",
         "Float islands (everything else runs on int8 tensors):\n\n" + format_islands(result.stages.islands),
         "User forward hooks after each stage (the BiFPN's expansion taps): "
-        + ", ".join(f"{stage} {count}" for stage, count in hooks.items()) + ".",
+        + ", ".join(f"{stage} {count}" for stage, count in hooks.items())
+        + ("; `torch.export` traces the hooks present at capture into the backbone program, where the features they "
+           "collect are graph edges." if engine == "pt2e" else "."),
     ]
     return write_report(output, rows, cfg.INPUT.MIN_SIZE_TEST, threads, "fnl-quantize: float32 vs int8", notes,
-                        extra={"float_islands": [asdict(i) for i in result.stages.islands], "hooks": hooks})
+                        extra={"float_islands": [asdict(i) for i in result.stages.islands], "hooks": hooks,
+                               "engine": engine})

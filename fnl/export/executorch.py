@@ -1,0 +1,325 @@
+"""ExecuTorch export of a PT2E int8 model (``fnl.qat.pt2e``): one XNNPACK ``.pte`` program per int8 region, driven by
+the model's own float code in Python.
+
+Layout of an export directory:
+- ``backbone.pte``, ``rpn_head.pte``, ``box_head.pte``, ``densepose_head.pte``: each region of
+  ``fnl.qat.patch.QUANTIZED_REGIONS`` re-captured from the converted PT2E graph at inference shapes (batch 1, H and W
+  dynamic up to ``INPUT.MAX_SIZE_TEST``; RoIs dynamic up to what the RPN / the detector can return) and lowered with
+  ``to_edge_transform_and_lower(..., XnnpackPartitioner())`` and ``to_executorch``;
+- ``executorch.json``: the config, and per region its file, the modules it stands for and the pytree specs of its
+  inputs and outputs.
+
+The programs are pieces, not one program: proposal decoding, NMS and RoIAlign are the float glue between them, and
+``ExecuTorchPredictor`` runs that glue with ``GeneralizedRCNN`` itself (built from the stored config; it has no
+weights outside the regions), with each region's modules replaced by the loaded ``.pte`` method. The predictor takes
+and returns what the PyTorch model does (list of dicts in; ``boxes``, ``scores``, ``classes``, ``densepose`` out), and
+``run_image`` gives the graph outputs by name as ``fnl.export.runtime.OnnxPredictor`` does, so the evaluator,
+``fnl.engine.benchmark.measure`` and the verification run on it unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from fnl.config import CfgNode
+from fnl.export.onnx import ExportableRCNN, eval_mode
+from fnl.export.report import ReportRow, file_megabytes
+from fnl.export.runtime import GraphPredictor
+from fnl.export.verify import INT8, Criteria, VerificationReport, _Comparison
+from fnl.qat.patch import IMAGE, _replace, active_regions
+from fnl.qat.pt2e import MergedIntoRegion, exported_regions, region_captures, require_pt2e, run_per_level
+from fnl.utils.io import refuse_overwrite, write_bytes_atomic, write_json_atomic
+
+MANIFEST = "executorch.json"
+FORMAT = "fnl-executorch-1"
+
+
+class ExecuTorchModelError(ValueError):
+    """An export directory is missing files or was not written by ``to_executorch``; names the path."""
+
+
+@dataclass
+class ExecuTorchExport:
+    directory: Path
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def size_mb(self) -> float:
+        """All .pte programs together: what a deployment ships (the glue is code, not weights)."""
+        return sum(file_megabytes(path) for path in self.files)
+
+
+def region_files(directory: str | Path, model: nn.Module) -> list[Path]:
+    return [Path(directory) / f"{region.name}.pte" for region in active_regions(model)]
+
+
+def duplicate_shared_nodes(program: torch.fx.GraphModule) -> int:
+    """Give every user of a dequantize or a constant its own copy; returns how many copies were made. Values are
+    unchanged; two failures of XNNPACK's lowering in executorch 1.5.1 go away:
+    - its channels-last pass fails on a partition output that is a dequantize also used inside the partition (the
+      BiFPN's levels, which feed a fusion and leave for an upsampling XNNPACK cannot run);
+    - a conv whose weight and bias are shared by several calls with different input scales (the RPN head on every
+      level) gets one bias for all of them, and XNNPACK refuses the bias scale of all but one.
+    """
+    copies = 0
+    dequantize = (torch.ops.quantized_decomposed.dequantize_per_tensor.default,
+                  torch.ops.quantized_decomposed.dequantize_per_channel.default)
+    for node in list(program.graph.nodes):
+        if not (node.op == "get_attr" or node.op == "call_function" and node.target in dequantize):
+            continue
+        for user in list(node.users)[1:]:
+            with program.graph.inserting_before(user):
+                twin = program.graph.node_copy(node)
+            user.replace_input_with(node, twin)
+            copies += 1
+    program.recompile()
+    return copies
+
+
+def lower_to_xnnpack(program: torch.fx.GraphModule, args: tuple[Any, ...], dynamic_shapes: tuple[Any, ...] | None
+                     ) -> tuple[bytes, Any, Any]:
+    """An int8 PT2E graph as an XNNPACK ``.pte`` buffer, with the pytree specs of its inputs and outputs.
+    ``program`` is not modified."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    program = copy.deepcopy(program)
+    duplicate_shared_nodes(program)
+    exported = torch.export.export(program, args, dynamic_shapes=dynamic_shapes)
+    lowered = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+    return lowered.to_executorch().buffer, exported.call_spec.in_spec, exported.call_spec.out_spec
+
+
+def program_image_size(cfg: CfgNode, input_size: int | None = None) -> tuple[int, int]:
+    """The backbone program's fixed (H, W): ``input_size`` (default INPUT.MIN_SIZE_TEST) rounded up to the padding
+    multiple, square."""
+    divisor = max(cfg.INPUT.SIZE_DIVISIBILITY, 1)
+    side = math.ceil((input_size or cfg.INPUT.MIN_SIZE_TEST) / divisor) * divisor
+    return side, side
+
+
+def to_executorch(int8_model: nn.Module, cfg: CfgNode, directory: str | Path, force: bool = False,
+                  image_size: tuple[int, int] | None = None) -> ExecuTorchExport:
+    """Lower every region of a converted PT2E model (``fnl.qat.pt2e.convert_pt2e_model``) to ``directory``.
+
+    The backbone program has a fixed input size, ``image_size`` (default ``program_image_size(cfg)``): with dynamic
+    H and W, XNNPACK leaves the convs whose output sizes the BiFPN's upsampling reads out of its partitions, and
+    their per-channel weights then have no ExecuTorch kernel. ``ExecuTorchPredictor`` zero-pads smaller images to
+    it and crops the features back (larger images are refused). The other programs keep dynamic sizes.
+    Existing files are refused unless ``force``; every file is written atomically, the manifest last.
+    """
+    require_pt2e()
+    directory = Path(directory)
+    regions = active_regions(int8_model)
+    programs = {module.region: module for module in exported_regions(int8_model)}
+    missing = [region.name for region in regions if region.name not in programs or not programs[region.name].converted]
+    if missing:
+        raise ValueError(f"regions {missing} are not converted PT2E programs: export the int8 model of "
+                         "fnl.qat.pt2e.convert_pt2e_model (fnl-quantize --engine pt2e)")
+    paths = region_files(directory, int8_model)
+    for path in [*paths, directory / MANIFEST]:
+        refuse_overwrite(path, force)
+    heads = cfg.MODEL
+    # Inference shapes: one image; at most POST_NMS_TOPK_TEST proposals per RPN level reach the box head, at most
+    # DETECTIONS_PER_IMAGE detections the DensePose head. ExecuTorch plans memory for these upper bounds.
+    max_rois = {"box_head": heads.RPN.POST_NMS_TOPK_TEST * len(heads.RPN.IN_FEATURES),
+                "densepose_head": heads.ROI_HEADS.DETECTIONS_PER_IMAGE}
+    entries = []
+    with eval_mode(int8_model), torch.no_grad():
+        for region, path in zip(regions, paths, strict=True):
+            captures = region_captures(int8_model, cfg, max_size=cfg.INPUT.MAX_SIZE_TEST, batch=1,
+                                       max_rois=max_rois.get(region.name, 1))
+            args, dynamic_shapes = captures[region.name].args, captures[region.name].dynamic_shapes
+            entry: dict[str, Any] = {"name": region.name, "modules": list(region.modules), "file": path.name}
+            if captures[region.name].per_level:
+                entry["per_level"] = True
+            if region.entry == IMAGE:
+                entry["image_size"] = list(image_size or program_image_size(cfg))
+                args, dynamic_shapes = (torch.zeros(1, 3, *entry["image_size"]),), None
+            buffer, in_spec, out_spec = lower_to_xnnpack(programs[region.name].program, args, dynamic_shapes)
+            write_bytes_atomic(path, buffer)
+            entries.append({**entry, "inputs": pytree.treespec_dumps(in_spec),
+                            "outputs": pytree.treespec_dumps(out_spec)})
+    write_json_atomic(directory / MANIFEST, {"format": FORMAT, "config": cfg.dump(), "regions": entries})
+    return ExecuTorchExport(directory, paths)
+
+
+class ExecuTorchRegion(nn.Module):
+    """A loaded ``.pte`` method where a region's first module was: flattens the inputs as the program was
+    captured, runs it in the ExecuTorch runtime, and rebuilds the outputs' structure.
+
+    The programs take at least one RoI; an empty RoI batch (no detections) runs one zero RoI and keeps none of its
+    outputs, so the shapes stay what the model expects. A program with a fixed ``image_size`` (the backbone) gets
+    its image zero-padded to that size and its feature maps cropped to what the image itself gives.
+    """
+
+    def __init__(self, name: str, method: Any, out_spec: Any, image_size: tuple[int, int] | None = None,
+                 per_level: bool = False) -> None:
+        super().__init__()
+        self.region = name
+        self.method = method
+        self.out_spec = out_spec
+        self.image_size = image_size
+        self.per_level = per_level
+
+    def forward(self, x: Any) -> Any:
+        if self.image_size is not None:
+            return self._run_padded(x)
+        if self.per_level:
+            return run_per_level(self._run, x)
+        return self._run(x)
+
+    def _run(self, x: Any) -> Any:
+        inputs = pytree.tree_flatten(((x,), {}))[0]
+        if len(inputs) == 1 and inputs[0].shape[0] != 1:  # a batch of RoIs
+            outputs = self._run_rois(inputs[0])
+        else:
+            outputs = self._execute(inputs)
+        return pytree.tree_unflatten(list(outputs), self.out_spec)
+
+    def _execute(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        # The outputs live in the program's planned memory, which the next call of the same method overwrites.
+        return [t.clone() for t in self.method.execute([t.contiguous() for t in inputs])]
+
+    def _run_rois(self, rois: torch.Tensor) -> list[torch.Tensor]:
+        """RoIs in chunks of what the program's memory plan holds (ExecuTorch 1.5.1 plans the RoI programs for
+        fewer RoIs than the capture's upper bound; the method's input metadata says how many)."""
+        capacity = int(self.method.metadata.input_tensor_meta(0).sizes()[0])
+        if rois.shape[0] == 0:
+            return [t[:0] for t in self._execute([rois.new_zeros((1, *rois.shape[1:]))])]
+        chunks = [self._execute([chunk]) for chunk in rois.split(capacity)]
+        return [torch.cat(parts) for parts in zip(*chunks, strict=True)]
+
+    def _run_padded(self, images: torch.Tensor) -> Any:
+        (height, width), (program_height, program_width) = images.shape[-2:], self.image_size
+        if images.shape[0] != 1 or height > program_height or width > program_width:
+            raise ValueError(f"the ExecuTorch backbone program takes one image of at most {program_height}x"
+                             f"{program_width} (padded), got {tuple(images.shape)}: export with a larger --input-size")
+        padded = torch.nn.functional.pad(images, (0, program_width - width, 0, program_height - height))
+        outputs = self._execute([padded])
+        cropped = [t[..., :math.ceil(t.shape[-2] * height / program_height),
+                   :math.ceil(t.shape[-1] * width / program_width)] for t in outputs]
+        return pytree.tree_unflatten(cropped, self.out_spec)
+
+    def extra_repr(self) -> str:
+        return f"region='{self.region}' (ExecuTorch XNNPACK program)"
+
+
+def _set_threads(threads: int) -> None:
+    """XNNPACK's thread pool size (process-wide in the ExecuTorch runtime)."""
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    from executorch.extension.pybindings import portable_lib
+
+    portable_lib._unsafe_reset_threadpool(threads)
+
+
+class ExecuTorchPredictor(GraphPredictor):
+    """list[dict] -> list[dict] as ``GeneralizedRCNN`` in eval mode, the int8 regions run by ExecuTorch (XNNPACK,
+    ``threads`` threads) and the float glue by the model's own code on torch."""
+
+    def __init__(self, directory: str | Path, threads: int = 2) -> None:
+        require_pt2e()
+        from executorch.runtime import Runtime
+
+        from fnl.config import get_cfg
+        from fnl.modeling import build_model
+
+        self.directory = Path(directory)
+        manifest = read_manifest(self.directory)
+        cfg = get_cfg()
+        import yaml
+
+        cfg.merge_from_dict(yaml.safe_load(manifest["config"]), source=f"{self.directory / MANIFEST}")
+        cfg.MODEL.DEVICE = "cpu"
+        self.cfg = cfg.freeze()
+        _set_threads(threads)
+        model = build_model(self.cfg).eval()
+        runtime = Runtime.get()
+        for entry in manifest["regions"]:
+            method = runtime.load_program(self.directory / entry["file"]).load_method("forward")
+            image_size = tuple(entry["image_size"]) if "image_size" in entry else None
+            region = ExecuTorchRegion(entry["name"], method, pytree.treespec_loads(entry["outputs"]), image_size,
+                                      entry.get("per_level", False))
+            first, *rest = entry["modules"]
+            _replace(model, first, region)
+            for name in rest:
+                _replace(model, name, MergedIntoRegion(entry["name"]))
+        self.model = model
+        self.graph = ExportableRCNN(model)
+        self.output_names = self.graph.output_names
+        self.has_densepose = model.roi_heads.densepose_on
+        self.files = [self.directory / entry["file"] for entry in manifest["regions"]]
+
+    def run_image(self, image: Any) -> dict[str, np.ndarray]:
+        """One (3, H, W) RGB image -> the outputs by name, boxes in the input image's pixels."""
+        pixels = torch.as_tensor(np.asarray(image))
+        with torch.no_grad():
+            outputs = self.graph(pixels[None])
+        return {name: t.numpy() for name, t in zip(self.output_names, outputs, strict=True)}
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ExecuTorchModelError(f"{path} not found: {directory} is not an ExecuTorch export of fnl-export")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ExecuTorchModelError(f"{path} is not valid JSON: {exc}") from exc
+    if manifest.get("format") != FORMAT:
+        raise ExecuTorchModelError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    missing = [entry["file"] for entry in manifest["regions"] if not (directory / entry["file"]).is_file()]
+    if missing:
+        raise ExecuTorchModelError(f"{directory} lacks the programs {missing} its manifest names")
+    return manifest
+
+
+def verify_executorch(model: nn.Module, predictor: ExecuTorchPredictor, images: Iterable[Any],
+                      criteria: Criteria = INT8) -> VerificationReport:
+    """The PyTorch PT2E int8 ``model`` against its ExecuTorch export on ``images``, with fnl.export.verify's pairing
+    and criteria (the DensePose heads compared on the export's boxes)."""
+    wrapper = ExportableRCNN(model)
+    comparison = _Comparison(criteria, predictor.has_densepose)
+    torch_ms, executorch_ms = [], []
+    with eval_mode(model), torch.no_grad():
+        for image in images:
+            image = torch.as_tensor(np.asarray(image))
+            start = time.perf_counter()
+            outputs = wrapper(image[None])
+            torch_ms.append(1000 * (time.perf_counter() - start))
+            reference = {name: t.cpu().numpy() for name, t in zip(wrapper.output_names, outputs, strict=True)}
+            start = time.perf_counter()
+            test = predictor.run_image(image)
+            executorch_ms.append(1000 * (time.perf_counter() - start))
+            on_test_boxes = reference
+            if predictor.has_densepose and not np.array_equal(reference["boxes"], test["boxes"]):
+                heads = wrapper.densepose_on_boxes(image[None], torch.from_numpy(test["boxes"]))
+                on_test_boxes = {name: t.cpu().numpy() for name, t in heads.items()}
+            comparison.add(reference, test, on_test_boxes)
+    return VerificationReport(criteria, comparison.finish(), len(torch_ms), torch_ms, executorch_ms)
+
+
+def executorch_row(directory: str | Path, cfg: CfgNode, method: str, threads: int = 2,
+                   name: str | None = None) -> tuple[ReportRow, dict]:
+    """The report row of an ExecuTorch export (format "executorch", precision "int8"): size of its .pte files, box
+    and DensePose AP on the test split of ``cfg``, latency per image through the ExecuTorch runtime (``threads``
+    XNNPACK threads; the float glue on torch's threads as set by the caller), with fnl.engine.benchmark.measure."""
+    from fnl.engine.benchmark import measure
+
+    predictor = ExecuTorchPredictor(directory, threads)
+    size = sum(file_megabytes(path) for path in predictor.files)
+    return measure(name or f"ExecuTorch int8 (PT2E {method.upper()}, XNNPACK)", "executorch", "int8", method,
+                   predictor, cfg, size)

@@ -1,0 +1,330 @@
+"""The PT2E engine: torchao's ``prepare_qat_pt2e`` / ``prepare_pt2e`` + ``convert_pt2e`` with ExecuTorch's XNNPACK
+quantizer, over the same int8 regions as the eager engine (``fnl.qat.patch.QUANTIZED_REGIONS``).
+
+Each region (backbone + neck, RPN head, box head + predictor, DensePose head + predictor) is captured with
+``torch.export`` as one graph (dynamic batch / H / W, or number of RoIs) and prepared; the captured program replaces
+the region's first module *instance* in the model and the region's later modules become pass-throughs, so the
+model's own float code (normalization, anchors, proposal decoding, NMS, RoIAlign, postprocessing) drives the programs
+unchanged and the QAT loop, calibration and evaluator of the eager engine run on it as they are.
+
+The BiFPN's expansion taps (forward pre-hooks on timm's ``conv_pwl``) run while ``torch.export`` traces the backbone,
+so the features they collect are ordinary edges of the captured graph: nothing can drop them later.
+
+Differences from the eager engine, all from the XNNPACK quantizer: weights are int8 per-channel symmetric and
+activations int8 (asymmetric); every region starts from float inputs and ends in float outputs (the features leave
+the backbone program in float and the RPN head program quantizes them again); ops the quantizer has no int8 pattern
+for (SiLU, softmax, nearest upsampling of ASPP's pooled branch) simply stay float inside the program; transposed
+convs are quantized (XNNPACK's int8 deconvolution is correct, see tests/qat/test_pt2e.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fnl.config import CfgNode
+from fnl.export.onnx import eval_mode
+from fnl.hooks import audit_hooks
+from fnl.qat.patch import FloatIslandRecord, QuantizedRegion, _replace, active_regions
+from fnl.qat.quantize import MODES, QuantizationStages
+
+ENGINE = "pt2e"
+BACKEND = "xnnpack"
+INSTALL_HINT = "pip install 'fnl[executorch]' (executorch==1.5.1 and torchao)"
+# Capture batch 2: torch.export specializes a dimension whose example size is 0 or 1.
+CAPTURE_BATCH = 2
+MAX_BATCH = 64
+MAX_ROIS = 1 << 16
+
+
+class PT2EUnavailableError(ImportError):
+    """torchao or ExecuTorch is not installed; names the extra to install."""
+
+
+def require_pt2e() -> None:
+    """Fail with the install command when torchao's PT2E or ExecuTorch's XNNPACK quantizer cannot be imported."""
+    try:
+        import executorch.backends.xnnpack.quantizer.xnnpack_quantizer  # noqa: F401
+        import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401
+    except ImportError as exc:
+        raise PT2EUnavailableError(f"the PT2E engine needs torchao and ExecuTorch's XNNPACK quantizer ({exc}): "
+                                   f"{INSTALL_HINT}") from exc
+
+
+def xnnpack_quantizer(qat: bool) -> Any:
+    """Int8 per-channel symmetric weights, int8 activations: what XNNPACK's int8 kernels take."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_qat=qat))
+    return quantizer.set_filter_function(has_no_scalar_tensor_operand)
+
+
+def has_no_scalar_tensor_operand(node: torch.fx.Node) -> bool:
+    """Whether the quantizer may annotate ``node``. XNNPACK's lowering cannot take a quantized 0-dim operand (its
+    channels-last pass indexes the shape of every quantized graph input), so an op with one stays float: the BiFPN's
+    multiply by a fusion weight; the sums after it stay int8."""
+    return not any(isinstance(arg.meta.get("val"), torch.Tensor) and arg.meta["val"].dim() == 0
+                   for arg in node.all_input_nodes)
+
+
+class RegionModules(nn.Module):
+    """The modules of one region composed in call order (each takes the previous one's output): what is captured.
+    Every region takes one input (the image batch, the list of feature levels, or the pooled RoI features)."""
+
+    def __init__(self, stages: list[nn.Module]) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x: Any) -> Any:
+        output = self.stages[0](x)
+        for stage in self.stages[1:]:
+            output = stage(output)
+        return output
+
+
+class MergedIntoRegion(nn.Module):
+    """Stands where a module was whose computation now runs inside the program of ``region``: passes its input on."""
+
+    def __init__(self, region: str) -> None:
+        super().__init__()
+        self.region = region
+
+    def forward(self, x: Any) -> Any:
+        return x
+
+    def extra_repr(self) -> str:
+        return f"computed in region '{self.region}'"
+
+
+@dataclass
+class RegionCapture:
+    """What a region is captured with: example inputs and their dynamic dimensions (torch.export's form).
+
+    ``per_level``: the region takes a list of feature levels and applies the same weights to each (the RPN head);
+    it is captured on one level and its program runs once per level. One capture over all levels would quantize the
+    shared weights for the first level only (the quantizer annotates a weight once) and give XNNPACK one bias for
+    convs of different input scales; per level, every level runs int8 with one set of ranges, as in the eager engine.
+    """
+
+    args: tuple[Any, ...]
+    dynamic_shapes: tuple[Any, ...] | None
+    per_level: bool = False
+
+
+def run_per_level(program: Any, levels: list[torch.Tensor]) -> tuple[list[Any], ...]:
+    """A one-level program over every level: its per-output lists concatenated, as the multi-level module returns."""
+    outputs = [program([level]) for level in levels]
+    return tuple([item for output in outputs for item in output[k]] for k in range(len(outputs[0])))
+
+
+class ExportedRegion(nn.Module):
+    """One region as a captured, prepared (fake-quant or observed) and later converted graph.
+
+    A captured graph has no train/eval flags of its own: ``train(mode)`` switches its batch-norm (and dropout) ops
+    with torchao's ``move_exported_model_to_train`` / ``_eval``; once BN statistics are frozen the batch norms stay
+    in their eval form (running statistics), as torch.ao's ``freeze_bn_stats`` does for the eager engine.
+    """
+
+    def __init__(self, name: str, program: torch.fx.GraphModule, capture: RegionCapture) -> None:
+        super().__init__()
+        self.region = name
+        self.program = program
+        self.capture = capture
+        self.bn_frozen = False
+        self.converted = False
+
+    def train(self, mode: bool = True) -> ExportedRegion:
+        from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+
+        self.training = mode
+        if mode and not self.bn_frozen and not self.converted:
+            move_exported_model_to_train(self.program)
+        else:
+            move_exported_model_to_eval(self.program)
+        return self
+
+    def freeze_bn_statistics(self) -> None:
+        self.bn_frozen = True
+        self.train(self.training)
+
+    def freeze_observers(self) -> None:
+        from torchao.quantization.pt2e import disable_observer
+
+        self.program.apply(disable_observer)
+
+    def convert(self) -> None:
+        """The int8 graph (quantize / dequantize ops around int8-ready ops, which XNNPACK lowers)."""
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+        self.train(False)
+        self.program = convert_pt2e(self.program)
+        self.converted = True
+
+    def forward(self, x: Any) -> Any:
+        if self.capture.per_level:
+            return run_per_level(self.program, x)
+        return self.program(x)
+
+    def extra_repr(self) -> str:
+        return f"region='{self.region}', converted={self.converted}, per_level={self.capture.per_level}"
+
+
+def _blocks(size: int, divisor: int) -> int:
+    return max(2, math.ceil(size / divisor))
+
+
+def region_captures(float_model: nn.Module, cfg: CfgNode, max_size: int | None = None,
+                    batch: int | None = None, max_rois: int = MAX_ROIS) -> dict[str, RegionCapture]:
+    """Example inputs and dynamic shapes of every region, from the float model itself.
+
+    ``max_size``: the largest padded image side (default: the configured maximum, train or test); ``batch``: a fixed
+    batch size (ExecuTorch runs one image) instead of a dynamic one; ``max_rois``: the most RoIs a head takes.
+    """
+    from torch.export import Dim
+
+    divisor = max(cfg.INPUT.SIZE_DIVISIBILITY, 1)
+    max_size = max_size or max(cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TEST)
+    max_blocks = _blocks(max_size, divisor)
+    # An image of 4 x 5 blocks: every level down to P6 is at least 2 x 2, so no dimension is specialized as 0 / 1.
+    height, width = divisor * min(4, max_blocks), divisor * min(5, max_blocks)
+    images = torch.randn(batch or CAPTURE_BATCH, 3, height, width, generator=torch.Generator().manual_seed(0))
+    batch_dim = None if batch else Dim("batch", min=1, max=MAX_BATCH)
+    image_dims = {2: divisor * Dim("height_blocks", min=1, max=max_blocks),
+                  3: divisor * Dim("width_blocks", min=1, max=max_blocks)}
+    if batch_dim is not None:
+        image_dims[0] = batch_dim
+    captures = {"backbone": RegionCapture((images,), (image_dims,))}
+    rpn = float_model.proposal_generator
+    with torch.no_grad(), eval_mode(float_model.backbone):
+        features = float_model.backbone(images)
+    levels = [features[f] for f in rpn.in_features]
+    # The finest level, up to the largest image / its stride (+1 for rounding).
+    level_max = math.ceil(max_size * levels[0].shape[-1] / width) + 1
+    level_dims = {2: Dim("level_height", min=1, max=level_max), 3: Dim("level_width", min=1, max=level_max)}
+    if batch_dim is not None:
+        level_dims[0] = batch_dim
+    captures["rpn_head"] = RegionCapture(([levels[0]],), ([level_dims],), per_level=True)
+    channels = levels[0].shape[1]
+    roi_heads = float_model.roi_heads
+    rois = Dim("rois", min=0, max=max_rois)
+    poolers = {"box_head": roi_heads.box_pooler}
+    if roi_heads.densepose_on:
+        poolers["densepose_head"] = roi_heads.densepose_pooler
+    for name, pooler in poolers.items():
+        resolution = pooler.output_size
+        pooled = torch.randn(CAPTURE_BATCH, channels, resolution, resolution,
+                             generator=torch.Generator().manual_seed(1))
+        captures[name] = RegionCapture((pooled,), ({0: rois},))
+    return captures
+
+
+def region_records(regions: list[QuantizedRegion]) -> list[FloatIslandRecord]:
+    """The float boundaries of the PT2E model, in the eager engine's record form for the report."""
+    records = []
+    for region in regions:
+        entry = region.entry if region.entry not in {r.name for r in regions} else f"region {region.entry}"
+        records.append(FloatIslandRecord(region.modules[0], "quantize inputs",
+                                         f"{region.entry_reason} (from {entry}; program '{region.name}')"))
+        exit_reason = region.exit_reason or "the features leave the program in float for the RPN head and RoIAlign"
+        records.append(FloatIslandRecord(region.modules[-1], "dequantize outputs", exit_reason))
+    return records
+
+
+def capture_region(model: nn.Module, region: QuantizedRegion, capture: RegionCapture) -> torch.fx.GraphModule:
+    """The region's modules of ``model`` as one ``torch.export`` graph, in the mode ``model`` is in."""
+    composed = RegionModules([model.get_submodule(name) for name in region.modules])
+    exported = torch.export.export(composed, capture.args, dynamic_shapes=capture.dynamic_shapes)
+    return exported.module()
+
+
+def prepare_pt2e_model(float_model: nn.Module, cfg: CfgNode, mode: str | None = None,
+                       stages: QuantizationStages | None = None) -> nn.Module:
+    """The PT2E counterpart of ``fnl.qat.prepare``: every region captured and prepared (fake-quant for QAT, observed
+    for PTQ) inside a copy of ``float_model``; in train mode for QAT, eval mode for PTQ."""
+    require_pt2e()
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
+
+    mode = mode or cfg.QUANTIZATION.MODE
+    if mode not in MODES:
+        raise ValueError(f"QUANTIZATION.MODE must be one of {MODES}, got '{mode}'")
+    qat = mode == "qat"
+    stages = stages if stages is not None else QuantizationStages()
+    model = copy.deepcopy(float_model)
+    regions = active_regions(model)
+    stages.islands = region_records(regions)
+    stages.hook_audits["capture"] = audit_hooks(model)  # these hooks run inside the captured backbone graph
+    captures = region_captures(model, cfg)
+    # QAT captures train-mode batch norm (folded into the convs as fake-quant conv-BN by prepare_qat_pt2e).
+    model.train(qat)
+    for region in regions:
+        program = capture_region(model, region, captures[region.name])
+        prepare = prepare_qat_pt2e if qat else prepare_pt2e
+        prepared = prepare(program, xnnpack_quantizer(qat))
+        _replace(model, region.modules[0], ExportedRegion(region.name, prepared, captures[region.name]))
+        for name in region.modules[1:]:
+            _replace(model, name, MergedIntoRegion(region.name))
+    return model.train(qat)
+
+
+def convert_pt2e_model(prepared: nn.Module, stages: QuantizationStages | None = None) -> nn.Module:
+    """The int8 model: every region's graph through ``convert_pt2e``; ``prepared`` is untouched."""
+    int8 = copy.deepcopy(prepared).eval()
+    for module in exported_regions(int8):
+        module.convert()
+    if stages is not None:
+        stages.hook_audits["convert"] = audit_hooks(int8)
+    return int8.eval()
+
+
+def exported_regions(model: nn.Module) -> list[ExportedRegion]:
+    return [module for module in model.modules() if isinstance(module, ExportedRegion)]
+
+
+def is_pt2e_model(model: nn.Module) -> bool:
+    return bool(exported_regions(model))
+
+
+PT2E_CHECKPOINT, PT2E_PTQ_CHECKPOINT = "model_pt2e.pth", "model_pt2e_ptq.pth"
+PT2E_STATE = "pt2e-prepared"
+
+
+def save_pt2e_checkpoint(path: str | Path, prepared: nn.Module, cfg: CfgNode, mode: str) -> Path:
+    """The prepared PT2E model's state (float weights, observer / fake-quant ranges) with its config: converting
+    is deterministic, so this is the int8 model in the form the capture can rebuild (``load_pt2e_checkpoint``)."""
+    from fnl.engine.checkpoint import save_checkpoint
+
+    return save_checkpoint(path, prepared, cfg, quantization={"engine": ENGINE, "mode": mode, "format": PT2E_STATE})
+
+
+def is_pt2e_checkpoint(data: dict[str, Any]) -> bool:
+    return isinstance(data.get("quantization"), dict) and data["quantization"].get("format") == PT2E_STATE
+
+
+def load_pt2e_checkpoint(path: str | Path, allow_unsafe: bool = False) -> tuple[nn.Module, CfgNode, str]:
+    """(int8 PT2E model, config, mode) from ``save_pt2e_checkpoint``'s file: capture and prepare a fresh model of
+    the stored config, load the state, convert."""
+    from fnl.engine.checkpoint import CheckpointError, config_from_checkpoint, read_checkpoint
+    from fnl.modeling import build_model
+
+    data = read_checkpoint(path, allow_unsafe)
+    if not is_pt2e_checkpoint(data):
+        raise CheckpointError(f"{path} is not a PT2E checkpoint written by fnl-quantize --engine pt2e (no "
+                              f"'quantization' entry of format {PT2E_STATE})")
+    cfg = config_from_checkpoint(path, allow_unsafe)
+    mode = data["quantization"]["mode"]
+    prepared = prepare_pt2e_model(build_model(cfg).eval(), cfg, mode)
+    try:
+        prepared.load_state_dict(data["model"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"PT2E checkpoint {path} does not fit the model its config describes: "
+                              f"{str(exc)[:400]}") from exc
+    return convert_pt2e_model(prepared), cfg.freeze(), mode
