@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--ckpt", help="model checkpoint (.pth): float, or int8 from fnl-quantize")
     source.add_argument("--from-quantize", metavar="QDIR",
                         help="fnl-quantize output directory: export its float32 and int8 models and write the report")
-    parser.add_argument("--format", choices=["onnx", "caffe2"], default="onnx", help="export format (default onnx)")
+    parser.add_argument("--format", choices=["onnx", "caffe2", "executorch"], default="onnx",
+                        help="export format (default onnx)")
     parser.add_argument("--output", required=True, help="output directory")
     parser.add_argument("--verify", action="store_true", help="compare the export with PyTorch; exit 1 on failure "
                                                               "(always done with --from-quantize)")
@@ -81,6 +82,8 @@ def _export(args: argparse.Namespace) -> int:
         raise ValueError(f"--input-size must be at least 32, got {args.input_size}")
     if args.verify_images < 1:
         raise ValueError(f"--verify-images must be at least 1, got {args.verify_images}")
+    if args.format == "executorch":
+        return _export_executorch(args)
     if args.from_quantize:
         if args.format != "onnx":
             raise ValueError("--from-quantize writes ONNX exports and their report; export Caffe2 with --ckpt")
@@ -131,6 +134,65 @@ def _export_caffe2(model: GeneralizedRCNN, cfg: CfgNode, args: argparse.Namespac
     result = verify_caffe2(model, output, _verification_images(cfg, args))
     print(result.table())
     return 0 if result.passed else 1
+
+
+def _export_executorch(args: argparse.Namespace) -> int:
+    """--format executorch: XNNPACK .pte programs of a PT2E int8 model (fnl-quantize --engine pt2e), run by
+    fnl.export.executorch.ExecuTorchPredictor. --from-quantize QDIR also measures and writes the report (PyTorch
+    float32, PyTorch PT2E int8, ExecuTorch int8); --ckpt QDIR/model_pt2e.pth writes the programs (--verify: compare
+    with the PyTorch PT2E model)."""
+    from pathlib import Path
+
+    from fnl.qat.pt2e import PT2EUnavailableError, require_pt2e
+
+    try:
+        require_pt2e()
+    except PT2EUnavailableError as exc:
+        raise ValueError(str(exc)) from exc
+    from fnl.cli.common import ensure_dataset
+    from fnl.export.executorch import (
+        EXECUTORCH_DIR,
+        ExecuTorchPredictor,
+        export_executorch_and_report,
+        program_image_size,
+        to_executorch,
+        verify_executorch,
+    )
+    from fnl.qat.pt2e import load_pt2e_checkpoint
+
+    if args.config or args.opts:
+        raise ValueError("--format executorch uses the config stored in the PT2E checkpoint: drop --config and "
+                         "KEY VALUE overrides")
+    output = Path(args.output)
+    if args.from_quantize:
+        document = export_executorch_and_report(args.from_quantize, output, ensure_dataset(args.data), args.threads,
+                                                args.verify_images, args.force, args.input_size)
+        print((output / "report.md").read_text())
+        print(f"report: {output / 'report.json'}")
+        return 0 if all(v["passed"] for v in document["verification"].values()) else 1
+    from fnl.engine.checkpoint import CheckpointError, read_checkpoint
+    from fnl.qat.pt2e import is_pt2e_checkpoint
+
+    if not is_pt2e_checkpoint(read_checkpoint(args.ckpt, args.unsafe_load)):
+        raise CheckpointError(f"{args.ckpt} is not a PT2E checkpoint: --format executorch exports the model_pt2e.pth "
+                              "that fnl-quantize --engine pt2e writes")
+    model, cfg, _ = load_pt2e_checkpoint(args.ckpt, args.unsafe_load)
+    if args.input_size is not None:
+        cfg = cfg.clone()
+        cfg.INPUT.MIN_SIZE_TEST = args.input_size
+    images = _verification_images(cfg, args) if args.verify else []
+    # The backbone program has a fixed size: the largest verification image, else the square test size.
+    image_size = program_image_size(cfg)
+    if images:
+        image_size = tuple(max(size, *(program_image_size(cfg, image.shape[k])[0] for image in images))
+                           for k, size in ((-2, image_size[0]), (-1, image_size[1])))
+    written = to_executorch(model, cfg, output / EXECUTORCH_DIR, args.force, image_size)
+    print(f"wrote {', '.join(str(p) for p in written.files)} (int8, XNNPACK, {written.size_mb:.2f} MB)")
+    if not args.verify:
+        return 0
+    report = verify_executorch(model, ExecuTorchPredictor(written.directory, args.threads), images)
+    print(report.table())
+    return 0 if report.passed else 1
 
 
 def _config(args: argparse.Namespace) -> CfgNode:

@@ -43,6 +43,7 @@ from fnl.qat.pt2e import MergedIntoRegion, exported_regions, region_captures, re
 from fnl.utils.io import refuse_overwrite, write_bytes_atomic, write_json_atomic
 
 MANIFEST = "executorch.json"
+MAX_PLANNED_ROIS = 1024  # more RoIs run in chunks (ExecuTorchRegion)
 FORMAT = "fnl-executorch-1"
 
 
@@ -134,8 +135,8 @@ def to_executorch(int8_model: nn.Module, cfg: CfgNode, directory: str | Path, fo
     heads = cfg.MODEL
     # Inference shapes: one image; at most POST_NMS_TOPK_TEST proposals per RPN level reach the box head, at most
     # DETECTIONS_PER_IMAGE detections the DensePose head. ExecuTorch plans memory for these upper bounds.
-    max_rois = {"box_head": heads.RPN.POST_NMS_TOPK_TEST * len(heads.RPN.IN_FEATURES),
-                "densepose_head": heads.ROI_HEADS.DETECTIONS_PER_IMAGE}
+    max_rois = {"box_head": min(heads.RPN.POST_NMS_TOPK_TEST * len(heads.RPN.IN_FEATURES), MAX_PLANNED_ROIS),
+                "densepose_head": min(heads.ROI_HEADS.DETECTIONS_PER_IMAGE, MAX_PLANNED_ROIS)}
     entries = []
     with eval_mode(int8_model), torch.no_grad():
         for region, path in zip(regions, paths, strict=True):
@@ -323,3 +324,59 @@ def executorch_row(directory: str | Path, cfg: CfgNode, method: str, threads: in
     size = sum(file_megabytes(path) for path in predictor.files)
     return measure(name or f"ExecuTorch int8 (PT2E {method.upper()}, XNNPACK)", "executorch", "int8", method,
                    predictor, cfg, size)
+
+
+EXECUTORCH_DIR = "executorch"
+
+
+def export_executorch_and_report(quantize_dir: str | Path, export_dir: str | Path, data_root: str | Path,
+                                 threads: int = 2, verify_images: int = 8, force: bool = False,
+                                 input_size: int | None = None) -> dict[str, Any]:
+    """From a ``fnl-quantize --engine pt2e`` directory (model_fp32.pth, model_pt2e.pth): lower the PT2E int8 model
+    to ``export_dir/executorch``, verify it against the PyTorch PT2E model (``INT8`` criteria on the first test
+    images, AP on the test split) and write report.json / .md / .png with three rows measured the same way
+    (``fnl.engine.benchmark.measure``): PyTorch float32, PyTorch int8 (PT2E), ExecuTorch int8 (XNNPACK)."""
+    from fnl.cli.common import load_model_for_inference
+    from fnl.engine.benchmark import measure
+    from fnl.export.pipeline import FLOAT_CHECKPOINT, _images, _torch_threads
+    from fnl.export.report import write_report
+    from fnl.export.verify import ap_rows
+    from fnl.qat.pt2e import PT2E_CHECKPOINT, load_pt2e_checkpoint
+
+    quantize_dir, export_dir = Path(quantize_dir), Path(export_dir)
+    float_checkpoint, pt2e_checkpoint = quantize_dir / FLOAT_CHECKPOINT, quantize_dir / PT2E_CHECKPOINT
+    for checkpoint in (float_checkpoint, pt2e_checkpoint):
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"{checkpoint} not found: {quantize_dir} is not a fnl-quantize --engine pt2e "
+                                    f"output directory (it needs {FLOAT_CHECKPOINT} and {PT2E_CHECKPOINT})")
+    refuse_overwrite(export_dir / "report.json", force)
+    overrides = ["DATASETS.ROOT", str(data_root), "MODEL.DEVICE", "cpu"]
+    if input_size is not None:
+        overrides += ["INPUT.MIN_SIZE_TEST", str(input_size)]
+    with _torch_threads(threads):
+        float_model, cfg = load_model_for_inference(str(float_checkpoint), None, overrides)
+        int8_model, _, mode = load_pt2e_checkpoint(pt2e_checkpoint)
+        written = to_executorch(int8_model, cfg, export_dir / EXECUTORCH_DIR, force)
+        predictor = ExecuTorchPredictor(written.directory, threads)
+        verification = verify_executorch(int8_model, predictor, _images(cfg, cfg.DATASETS.TEST[0], verify_images))
+        torch_float, _ = measure("PyTorch float32", "pytorch", "float32", "float", float_model, cfg,
+                                 file_megabytes(float_checkpoint))
+        torch_int8, torch_int8_results = measure(f"PyTorch int8 (PT2E {mode.upper()})", "pytorch", "int8", mode,
+                                                 int8_model, cfg, None)
+        executorch, executorch_results = measure(f"ExecuTorch int8 (PT2E {mode.upper()}, XNNPACK)", "executorch",
+                                                 "int8", mode, predictor, cfg, written.size_mb)
+    verification.rows.extend(ap_rows(torch_int8_results, executorch_results, INT8))
+    rows = [torch_float, torch_int8, executorch]
+    notes = [
+        f"ExecuTorch: one XNNPACK program per int8 region in `{EXECUTORCH_DIR}/` "
+        f"({', '.join(p.name for p in written.files)}; "
+        f"size is their sum, {written.size_mb:.2f} MB, {torch_float.size_mb / written.size_mb:.2f}x smaller than the "
+        "float32 checkpoint); proposal decoding, NMS and RoIAlign run between them in Python on torch. XNNPACK and "
+        f"torch both run with {threads} thread(s).",
+        "Verification of the ExecuTorch export against the PyTorch PT2E int8 model:\n\n```\n"
+        + verification.table() + "\n```",
+    ]
+    extra = {"verification": {EXECUTORCH_DIR: verification.as_dict()},
+             "executorch": {"files": [p.name for p in written.files], "size_mb": written.size_mb}}
+    return write_report(export_dir, rows, cfg.INPUT.MIN_SIZE_TEST, threads,
+                        "fnl-export: PyTorch and ExecuTorch (XNNPACK), float32 and PT2E int8", notes, extra)

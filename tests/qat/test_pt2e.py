@@ -1,0 +1,109 @@
+"""The PT2E engine: the same int8 regions as the eager engine, captured with torch.export (BiFPN taps included),
+trained by the same QAT loop, converted with convert_pt2e."""
+
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("executorch")
+pytest.importorskip("torchao")
+
+from fnl.config import load_config  # noqa: E402
+from fnl.hooks import audit_hooks  # noqa: E402
+from fnl.modeling import build_model  # noqa: E402
+from fnl.qat import patch_for_quantization, quantize  # noqa: E402
+from fnl.qat.patch import QUANTIZED_REGIONS, REGION_NAMES  # noqa: E402
+from fnl.qat.pt2e import (  # noqa: E402
+    ExportedRegion,
+    MergedIntoRegion,
+    capture_region,
+    exported_regions,
+    region_captures,
+)
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+TAPS = ["blocks.1.2.conv_pwl", "blocks.2.3.conv_pwl", "blocks.4.3.conv_pwl", "blocks.6.0.conv_pwl"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def float_model():
+    torch.manual_seed(0)
+    return build_model(load_config("test_tiny")).eval()
+
+
+def test_both_engines_read_one_region_table(float_model):
+    _, islands = patch_for_quantization(float_model)
+    firsts = {r.modules[0] for r in QUANTIZED_REGIONS}
+    lasts = {r.modules[-1] for r in QUANTIZED_REGIONS if r.exit_reason}
+    poolers = {r.entry for r in QUANTIZED_REGIONS if r.entry.endswith("pooler")}
+    eager = {i.module for i in islands}
+    assert "backbone" in eager and lasts <= eager and poolers <= eager
+    assert REGION_NAMES == ("backbone", "rpn_head", "box_head", "densepose_head") and "backbone" in firsts
+
+
+def test_captured_backbone_equals_float_and_keeps_the_expansion_taps(float_model):
+    """In eval mode the exported float backbone (before any quantization) computes what the module does, with
+    the features timm's conv_pwl pre-hooks collect feeding the BiFPN inside the graph."""
+    taps = sorted(r.module.split("bottom_up.")[-1] for r in audit_hooks(float_model) if r.kind == "forward_pre")
+    assert taps == TAPS
+    region = QUANTIZED_REGIONS[0]
+    capture = region_captures(float_model, load_config("test_tiny"))["backbone"]
+    program = capture_region(float_model, region, capture)
+    seen = {}
+
+    def record(name):
+        def hook(module, args):
+            seen.setdefault(name, args[0].shape)
+        return hook
+
+    bottom_up = float_model.backbone.bottom_up
+    handles = [bottom_up.get_submodule(n).register_forward_pre_hook(record(n)) for n in TAPS]
+    try:
+        for shape in ((1, 3, 128, 160), (2, 3, 96, 224)):  # dynamic batch, H and W
+            images = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+            with torch.no_grad():
+                expected, captured = float_model.backbone(images), program(images)
+            assert expected.keys() == captured.keys()
+            for name in expected:
+                torch.testing.assert_close(captured[name], expected[name], atol=1e-5, rtol=1e-5)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert [seen[n][1] for n in TAPS] == [72, 120, 288, 1152]  # the taps fired on the float module
+
+
+def test_pt2e_qat_runs_the_same_loop_freezes_and_converts(tiny_cfg, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg).eval()
+    result = quantize(model, tiny_cfg, "qat", output_dir=tmp_path, engine="pt2e")
+    assert len(result.history) == 3 and all(torch.isfinite(torch.tensor(h["total_loss"])) for h in result.history)
+    regions = exported_regions(result.prepared)
+    assert [r.region for r in regions] == list(REGION_NAMES)
+    assert isinstance(result.prepared.roi_heads.box_predictor, MergedIntoRegion)
+    fake_quants = [m for r in regions for m in r.program.modules() if hasattr(m, "observer_enabled")]
+    assert fake_quants and all(int(m.observer_enabled) == 0 for m in fake_quants)  # frozen at iteration 2
+    assert all(r.bn_frozen for r in regions)  # frozen at iteration 1
+    assert (tmp_path / "qat_model_final.pth").is_file()
+    assert all(isinstance(r, ExportedRegion) and r.converted for r in exported_regions(result.int8_model))
+    image = torch.randint(0, 256, (3, 128, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = result.int8_model([{"image": image}])[0]
+    assert set(out) == {"boxes", "scores", "classes", "densepose"}
+    assert out["densepose"]["fine_segm"].shape[1:] == (25, 64, 64)
+
+
+def test_pt2e_refuses_an_eager_backend(tmp_path, capsys):
+    from fnl.cli.quantize import main
+
+    code = main(["--ckpt", str(tmp_path / "none.pth"), "--engine", "pt2e", "--backend", "x86",
+                 "--output", str(tmp_path / "out")])
+    assert code == 2 and "XNNPACK" in capsys.readouterr().err
