@@ -37,7 +37,7 @@ from fnl.config import CfgNode
 from fnl.export.onnx import ExportableRCNN, eval_mode
 from fnl.export.report import ReportRow, file_megabytes
 from fnl.export.runtime import GraphPredictor
-from fnl.export.verify import INT8, Criteria, VerificationReport, _Comparison
+from fnl.export.verify import INT8, Criteria, VerificationReport, _Comparison, one_gray_level_up
 from fnl.qat.patch import IMAGE, _replace, active_regions
 from fnl.qat.pt2e import MergedIntoRegion, exported_regions, region_captures, require_pt2e, run_per_level
 from fnl.utils.io import refuse_overwrite, write_bytes_atomic, write_json_atomic
@@ -291,7 +291,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 def verify_executorch(model: nn.Module, predictor: ExecuTorchPredictor, images: Iterable[Any],
                       criteria: Criteria = INT8) -> VerificationReport:
     """The PyTorch PT2E int8 ``model`` against its ExecuTorch export on ``images``, with fnl.export.verify's pairing
-    and criteria (the DensePose heads compared on the export's boxes)."""
+    and criteria (the DensePose heads compared on the export's boxes; the int8 pairing floor from the model's own
+    pairing under a one-gray-level input change). The loop is verify_onnx's, over this predictor: verify_onnx opens
+    its ONNX Runtime predictor itself, so it cannot take this one."""
     wrapper = ExportableRCNN(model)
     comparison = _Comparison(criteria, predictor.has_densepose)
     torch_ms, executorch_ms = [], []
@@ -310,6 +312,10 @@ def verify_executorch(model: nn.Module, predictor: ExecuTorchPredictor, images: 
                 heads = wrapper.densepose_on_boxes(image[None], torch.from_numpy(test["boxes"]))
                 on_test_boxes = {name: t.cpu().numpy() for name, t in heads.items()}
             comparison.add(reference, test, on_test_boxes)
+            if criteria.noise_floor_margin is not None:
+                perturbed = wrapper(one_gray_level_up(image)[None])
+                comparison.add_floor(reference, dict(zip(wrapper.output_names, (t.cpu().numpy() for t in perturbed),
+                                                         strict=True)))
     return VerificationReport(criteria, comparison.finish(), len(torch_ms), torch_ms, executorch_ms)
 
 
