@@ -38,8 +38,8 @@ from fnl.export.onnx import ExportableRCNN, eval_mode
 from fnl.export.report import ReportRow, file_megabytes
 from fnl.export.runtime import GraphPredictor
 from fnl.export.verify import INT8, Criteria, VerificationReport, _Comparison, one_gray_level_up
-from fnl.qat.patch import IMAGE, _replace, active_regions
-from fnl.qat.pt2e import MergedIntoRegion, exported_regions, region_captures, require_pt2e, run_per_level
+from fnl.qat.patch import IMAGE, active_regions
+from fnl.qat.pt2e import exported_regions, install_region, region_captures, require_pt2e, run_per_level
 from fnl.utils.io import refuse_overwrite, write_bytes_atomic, write_json_atomic
 
 MANIFEST = "executorch.json"
@@ -254,10 +254,7 @@ class ExecuTorchPredictor(GraphPredictor):
             image_size = tuple(entry["image_size"]) if "image_size" in entry else None
             region = ExecuTorchRegion(entry["name"], method, pytree.treespec_loads(entry["outputs"]), image_size,
                                       entry.get("per_level", False))
-            first, *rest = entry["modules"]
-            _replace(model, first, region)
-            for name in rest:
-                _replace(model, name, MergedIntoRegion(entry["name"]))
+            install_region(model, entry["modules"], region)
         self.model = model
         self.graph = ExportableRCNN(model)
         self.output_names = self.graph.output_names

@@ -1,6 +1,8 @@
 """Patch: turn a float GeneralizedRCNN into a quantizable one by transforming module *instances* (paper Sec. 3.4).
 
-The whole network runs on int8 tensors except the float islands:
+``QUANTIZED_REGIONS`` is the one definition of the int8 regions and their float boundaries; this module's
+``patch_for_quantization`` is the eager engine's reading of it (``fnl.qat.pt2e`` is the PT2E engine's). The whole
+network runs on int8 tensors except the float islands:
 - the image is quantized after normalization (``backbone`` is wrapped by :class:`QuantizeInputs`);
 - RPN objectness logits and anchor deltas are dequantized before proposals are decoded (``rpn_head``);
 - RoI pooling dequantizes its input features, pools in float and quantizes the result (``*_pooler``);
@@ -142,7 +144,7 @@ class FloatIslandRecord:
     reason: str
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
@@ -153,10 +155,10 @@ def make_blocks_quantizable(root: nn.Module) -> int:
     for name, module in list(root.named_modules()):
         kind = type(module).__name__
         if kind in _TIMM_BLOCK_ORDER:
-            _replace(root, name, QuantizableResidualBlock(module))
+            replace_submodule(root, name, QuantizableResidualBlock(module))
             replaced += 1
         elif kind == "SqueezeExcite" and hasattr(module, "conv_reduce"):
-            _replace(root, name, QuantizableSqueezeExcite(module))
+            replace_submodule(root, name, QuantizableSqueezeExcite(module))
             replaced += 1
     return replaced
 
@@ -218,7 +220,7 @@ def patch_for_quantization(model: nn.Module, float_modules: list[str] | tuple[st
     make_blocks_quantizable(model.backbone)
 
     def island(name: str, reason: str) -> None:
-        _replace(model, name, FloatIsland(model.get_submodule(name)))
+        replace_submodule(model, name, FloatIsland(model.get_submodule(name)))
         islands.append(FloatIslandRecord(name, "float island", reason))
 
     for name in float_modules:
@@ -237,7 +239,7 @@ def patch_for_quantization(model: nn.Module, float_modules: list[str] | tuple[st
     for region in regions:
         if region.entry == IMAGE:
             first = region.modules[0]
-            _replace(model, first, QuantizeInputs(model.get_submodule(first)))
+            replace_submodule(model, first, QuantizeInputs(model.get_submodule(first)))
             islands.insert(0, FloatIslandRecord(first, "quantize inputs", region.entry_reason))
         elif region.entry not in region_names:  # a float module feeds the region: it dequantizes and requantizes
             island(region.entry, region.entry_reason)
@@ -246,11 +248,11 @@ def patch_for_quantization(model: nn.Module, float_modules: list[str] | tuple[st
         last = region.modules[-1]
         module = model.get_submodule(last)
         if float_predictor and any(isinstance(m, nn.ConvTranspose2d) for m in module.modules()):
-            _replace(model, last, FloatIsland(module, quantize_output=False))
+            replace_submodule(model, last, FloatIsland(module, quantize_output=False))
             islands.append(FloatIslandRecord(last, "float island",
                                              "quantized ConvTranspose2d is wrong on this backend in torch 2.14"))
         else:
-            _replace(model, last, DequantizeOutputs(module))
+            replace_submodule(model, last, DequantizeOutputs(module))
             islands.append(FloatIslandRecord(last, "dequantize outputs", region.exit_reason))
     return model, islands
 

@@ -31,7 +31,7 @@ from torch import nn
 from fnl.config import CfgNode
 from fnl.export.onnx import eval_mode
 from fnl.hooks import audit_hooks
-from fnl.qat.patch import FloatIslandRecord, QuantizedRegion, _replace, active_regions
+from fnl.qat.patch import FloatIslandRecord, QuantizedRegion, active_regions, replace_submodule
 from fnl.qat.quantize import MODES, QuantizationStages
 
 ENGINE = "pt2e"
@@ -239,6 +239,15 @@ def region_records(regions: list[QuantizedRegion]) -> list[FloatIslandRecord]:
     return records
 
 
+def install_region(model: nn.Module, modules: list[str] | tuple[str, ...], program: nn.Module) -> None:
+    """``program`` (its ``region`` attribute names the region) in place of the region's first module; the later
+    modules become pass-throughs."""
+    first, *rest = modules
+    replace_submodule(model, first, program)
+    for name in rest:
+        replace_submodule(model, name, MergedIntoRegion(program.region))
+
+
 def capture_region(model: nn.Module, region: QuantizedRegion, capture: RegionCapture) -> torch.fx.GraphModule:
     """The region's modules of ``model`` as one ``torch.export`` graph, in the mode ``model`` is in."""
     composed = RegionModules([model.get_submodule(name) for name in region.modules])
@@ -269,9 +278,7 @@ def prepare_pt2e_model(float_model: nn.Module, cfg: CfgNode, mode: str | None = 
         program = capture_region(model, region, captures[region.name])
         prepare = prepare_qat_pt2e if qat else prepare_pt2e
         prepared = prepare(program, xnnpack_quantizer(qat))
-        _replace(model, region.modules[0], ExportedRegion(region.name, prepared, captures[region.name]))
-        for name in region.modules[1:]:
-            _replace(model, name, MergedIntoRegion(region.name))
+        install_region(model, region.modules, ExportedRegion(region.name, prepared, captures[region.name]))
     return model.train(qat)
 
 
