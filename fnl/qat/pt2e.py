@@ -14,7 +14,8 @@ Differences from the eager engine, all from the XNNPACK quantizer: weights are i
 activations int8 (asymmetric); every region starts from float inputs and ends in float outputs (the features leave
 the backbone program in float and the RPN head program quantizes them again); ops the quantizer has no int8 pattern
 for (SiLU, softmax, nearest upsampling of ASPP's pooled branch) simply stay float inside the program; transposed
-convs are quantized (XNNPACK's int8 deconvolution is correct, see tests/qat/test_pt2e.py).
+convs are quantized by PTQ (XNNPACK's int8 deconvolution matches PyTorch's reference, tests/export/test_executorch.py)
+but stay float under QAT (``is_transposed_conv``).
 """
 
 from __future__ import annotations
@@ -65,7 +66,15 @@ def xnnpack_quantizer(qat: bool) -> Any:
     )
 
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_qat=qat))
-    return quantizer.set_filter_function(has_no_scalar_tensor_operand)
+    return quantizer.set_filter_function(lambda node: has_no_scalar_tensor_operand(node)
+                                         and not (qat and is_transposed_conv(node)))
+
+
+def is_transposed_conv(node: torch.fx.Node) -> bool:
+    """QAT keeps transposed convs (the DensePose predictor) float: the QAT configuration fake-quantizes their weights
+    per *input* channel (axis 0; PTQ uses axis 1, the output channels), which XNNPACK cannot run, and ExecuTorch has
+    no portable kernel for the leftover per-channel dequantize (torchao 0.18 / executorch 1.5.1)."""
+    return node.op == "call_function" and "conv_transpose" in str(node.target)
 
 
 def has_no_scalar_tensor_operand(node: torch.fx.Node) -> bool:
