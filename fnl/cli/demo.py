@@ -1,8 +1,8 @@
 """fnl-demo --output DIR: the whole pipeline on the embedded synthetic set, in one command.
 
-generate data -> train a float model briefly -> QAT + PTQ -> int8 -> export ONNX and Caffe2 -> verify -> one report
-with every row (DIR/report.json, report.md, report.png). Finished stages are reused when their inputs (config,
-checkpoint bytes) are unchanged; --force reruns everything."""
+generate data -> train a float model briefly -> QAT + PTQ -> int8 -> export ONNX and Caffe2 -> verify; PT2E QAT ->
+ExecuTorch (XNNPACK) -> verify -> one report with every row (DIR/report.json, report.md, report.png). Finished
+stages are reused when their inputs (config, checkpoint bytes) are unchanged; --force reruns everything."""
 
 from __future__ import annotations
 
@@ -95,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
 
     rows = json.loads((quantize_dir / "report.json").read_text())["rows"]
     rows += export_rows(output, quantize_dir, data_root, args)
+    rows += executorch_rows(output, checkpoint, data_root, args)
     from fnl.export.report import ReportRow, write_report
 
     cfg = load_config(DEMO_CONFIG, ["DATASETS.ROOT", data_root])
@@ -117,6 +118,32 @@ def export_rows(output: Path, quantize_dir: Path, data_root: str, args: argparse
 
     cached_stage(export_dir, key, ["report.json"], export_stage, args.force)
     return [r for r in json.loads((export_dir / "report.json").read_text())["rows"] if r["format"] != "pytorch"]
+
+
+def executorch_rows(output: Path, checkpoint: Path, data_root: str, args: argparse.Namespace) -> list[dict]:
+    """The modern mobile path on the same float model: PT2E QAT (torchao, XNNPACK quantizer) and its ExecuTorch
+    export; rows PyTorch int8 (PT2E QAT) and ExecuTorch int8."""
+    from fnl.export.executorch import export_executorch_and_report
+    from fnl.qat.pt2e import PT2E_CHECKPOINT
+    from fnl.qat.report import quantize_and_report
+
+    quantize_dir = output / "quantize_pt2e"
+    overrides = ["DATASETS.ROOT", data_root, "OUTPUT_DIR", str(quantize_dir), *DEMO_QUANTIZE]
+
+    def quantize_stage() -> None:
+        quantize_and_report(checkpoint, quantize_dir, None, overrides, threads=args.threads, engine="pt2e",
+                            ptq_baseline=False)
+
+    cached_stage(quantize_dir, {"checkpoint": file_digest(checkpoint), "overrides": overrides},
+                 [PT2E_CHECKPOINT, "report.json"], quantize_stage, args.force)
+    export_dir = output / "export_executorch"
+
+    def export_stage() -> None:
+        export_executorch_and_report(quantize_dir, export_dir, data_root, threads=args.threads, force=True)
+
+    cached_stage(export_dir, {"pt2e": file_digest(quantize_dir / PT2E_CHECKPOINT)}, ["report.json"], export_stage,
+                 args.force)
+    return [r for r in json.loads((export_dir / "report.json").read_text())["rows"] if r["precision"] == "int8"]
 
 
 if __name__ == "__main__":
