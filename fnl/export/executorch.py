@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ from fnl.config import CfgNode
 from fnl.export.onnx import ExportableRCNN, eval_mode
 from fnl.export.report import ReportRow, file_megabytes
 from fnl.export.runtime import GraphPredictor
-from fnl.export.verify import INT8, Criteria, VerificationReport, _Comparison, one_gray_level_up
+from fnl.export.verify import INT8, Criteria, VerificationReport, verify_predictor
 from fnl.qat.patch import IMAGE, active_regions
 from fnl.qat.pt2e import exported_regions, install_region, region_captures, require_pt2e, run_per_level
 from fnl.utils.io import refuse_overwrite, write_bytes_atomic, write_json_atomic
@@ -287,33 +286,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 
 def verify_executorch(model: nn.Module, predictor: ExecuTorchPredictor, images: Iterable[Any],
                       criteria: Criteria = INT8) -> VerificationReport:
-    """The PyTorch PT2E int8 ``model`` against its ExecuTorch export on ``images``, with fnl.export.verify's pairing
-    and criteria (the DensePose heads compared on the export's boxes; the int8 pairing floor from the model's own
-    pairing under a one-gray-level input change). The loop is verify_onnx's, over this predictor: verify_onnx opens
-    its ONNX Runtime predictor itself, so it cannot take this one."""
-    wrapper = ExportableRCNN(model)
-    comparison = _Comparison(criteria, predictor.has_densepose)
-    torch_ms, executorch_ms = [], []
-    with eval_mode(model), torch.no_grad():
-        for image in images:
-            image = torch.as_tensor(np.asarray(image))
-            start = time.perf_counter()
-            outputs = wrapper(image[None])
-            torch_ms.append(1000 * (time.perf_counter() - start))
-            reference = {name: t.cpu().numpy() for name, t in zip(wrapper.output_names, outputs, strict=True)}
-            start = time.perf_counter()
-            test = predictor.run_image(image)
-            executorch_ms.append(1000 * (time.perf_counter() - start))
-            on_test_boxes = reference
-            if predictor.has_densepose and not np.array_equal(reference["boxes"], test["boxes"]):
-                heads = wrapper.densepose_on_boxes(image[None], torch.from_numpy(test["boxes"]))
-                on_test_boxes = {name: t.cpu().numpy() for name, t in heads.items()}
-            comparison.add(reference, test, on_test_boxes)
-            if criteria.noise_floor_margin is not None:
-                perturbed = wrapper(one_gray_level_up(image)[None])
-                comparison.add_floor(reference, dict(zip(wrapper.output_names, (t.cpu().numpy() for t in perturbed),
-                                                         strict=True)))
-    return VerificationReport(criteria, comparison.finish(), len(torch_ms), torch_ms, executorch_ms)
+    """The PyTorch PT2E int8 ``model`` against its ExecuTorch export on ``images``: fnl.export.verify's comparison
+    (pairing, DensePose heads on the export's boxes, the int8 pairing floor) over this predictor."""
+    return verify_predictor(model, predictor, images, criteria)
 
 
 def executorch_row(directory: str | Path, cfg: CfgNode, method: str, threads: int = 2,
@@ -341,7 +316,7 @@ def export_executorch_and_report(quantize_dir: str | Path, export_dir: str | Pat
     (``fnl.engine.benchmark.measure``): PyTorch float32, PyTorch int8 (PT2E), ExecuTorch int8 (XNNPACK)."""
     from fnl.cli.common import load_model_for_inference
     from fnl.engine.benchmark import measure
-    from fnl.export.pipeline import FLOAT_CHECKPOINT, _images, _torch_threads
+    from fnl.export.pipeline import FLOAT_CHECKPOINT, split_images, torch_threads
     from fnl.export.report import write_report
     from fnl.export.verify import ap_rows
     from fnl.qat.pt2e import PT2E_CHECKPOINT, load_pt2e_checkpoint
@@ -356,12 +331,12 @@ def export_executorch_and_report(quantize_dir: str | Path, export_dir: str | Pat
     overrides = ["DATASETS.ROOT", str(data_root), "MODEL.DEVICE", "cpu"]
     if input_size is not None:
         overrides += ["INPUT.MIN_SIZE_TEST", str(input_size)]
-    with _torch_threads(threads):
+    with torch_threads(threads):
         float_model, cfg = load_model_for_inference(str(float_checkpoint), None, overrides)
         int8_model, _, mode = load_pt2e_checkpoint(pt2e_checkpoint)
         written = to_executorch(int8_model, cfg, export_dir / EXECUTORCH_DIR, force)
         predictor = ExecuTorchPredictor(written.directory, threads)
-        verification = verify_executorch(int8_model, predictor, _images(cfg, cfg.DATASETS.TEST[0], verify_images))
+        verification = verify_executorch(int8_model, predictor, split_images(cfg, cfg.DATASETS.TEST[0], verify_images))
         torch_float, _ = measure("PyTorch float32", "pytorch", "float32", "float", float_model, cfg,
                                  file_megabytes(float_checkpoint))
         torch_int8, torch_int8_results = measure(f"PyTorch int8 (PT2E {mode.upper()})", "pytorch", "int8", mode,

@@ -70,13 +70,13 @@ def export_and_report(quantize_dir: str | Path, export_dir: str | Path, data_roo
     overrides = ["DATASETS.ROOT", str(data_root), "MODEL.DEVICE", "cpu"]
     if input_size is not None:
         overrides += ["INPUT.MIN_SIZE_TEST", str(input_size)]
-    with _torch_threads(threads):
+    with torch_threads(threads):
         float_model, cfg = load_model_for_inference(str(float_checkpoint), None, overrides)
         int8_model, _ = load_model_for_inference(str(int8_checkpoint), None, overrides)
         mode = _int8_mode(int8_checkpoint)
-        test_images = _images(cfg, cfg.DATASETS.TEST[0], verify_images)
+        test_images = split_images(cfg, cfg.DATASETS.TEST[0], verify_images)
         int8_onnx = to_onnx(int8_model, export_dir / INT8_ONNX, test_images[0], opset)
-        calibration = _images(cfg, cfg.DATASETS.TRAIN[0], calibration_images)
+        calibration = split_images(cfg, cfg.DATASETS.TRAIN[0], calibration_images)
         with tempfile.TemporaryDirectory(prefix="fnl-export-") as scratch:
             # ONNX Runtime's PTQ finds the int8 regions by node name: it gets the float graph before compaction.
             named_float_onnx = to_onnx(float_model, Path(scratch) / FLOAT_ONNX, test_images[0], opset, compact=False)
@@ -132,7 +132,7 @@ def _int8_mode(path: Path) -> str:
     return str(read_checkpoint(path)["quantization"]["mode"])
 
 
-def _images(cfg: CfgNode, split: str, count: int) -> list[torch.Tensor]:
+def split_images(cfg: CfgNode, split: str, count: int) -> list[torch.Tensor]:
     """The first ``count`` images of ``split``, resized as for evaluation (what the exported graph takes)."""
     from fnl.data import build_test_loader
 
@@ -142,7 +142,7 @@ def _images(cfg: CfgNode, split: str, count: int) -> list[torch.Tensor]:
 
 
 @contextmanager
-def _torch_threads(threads: int) -> Iterator[None]:
+def torch_threads(threads: int) -> Iterator[None]:
     if threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
     previous = torch.get_num_threads()

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from fnl.export.onnx import ExportableRCNN, eval_mode
-from fnl.export.runtime import DENSEPOSE_OUTPUTS, OnnxPredictor
+from fnl.export.runtime import DENSEPOSE_OUTPUTS, GraphPredictor, OnnxPredictor
 from fnl.modeling import GeneralizedRCNN
 
 
@@ -152,28 +152,39 @@ def verify_onnx(model: GeneralizedRCNN, onnx_path: str | Path, images: Iterable[
     if tuple(predictor.output_names) != wrapper.output_names:
         raise ValueError(f"{onnx_path} has outputs {predictor.output_names}, the model gives {wrapper.output_names}: "
                          "was it exported from another model?")
+    return verify_predictor(model, predictor, images, criteria)
+
+
+def verify_predictor(model: GeneralizedRCNN, predictor: GraphPredictor, images: Iterable[Any],
+                     criteria: Criteria) -> VerificationReport:
+    """``model`` against any exported form of it that answers ``run_image`` with the graph outputs by name (ONNX
+    Runtime, ExecuTorch), image by image: detections paired, DensePose heads compared on the export's boxes, and for
+    int8 criteria the pairing floor of the model on the image + 1 gray level."""
+    wrapper = ExportableRCNN(model)
+
+    def run_model(image: torch.Tensor) -> dict[str, np.ndarray]:
+        outputs = wrapper(image[None])
+        return {name: t.cpu().numpy() for name, t in zip(wrapper.output_names, outputs, strict=True)}
+
     comparison = _Comparison(criteria, predictor.has_densepose)
-    torch_ms, onnx_ms = [], []
+    torch_ms, export_ms = [], []
     with eval_mode(model), torch.no_grad():
         for image in images:
             image = torch.as_tensor(np.asarray(image))
             start = time.perf_counter()
-            outputs = wrapper(image[None])
+            reference = run_model(image)
             torch_ms.append(1000 * (time.perf_counter() - start))
-            reference = {name: t.cpu().numpy() for name, t in zip(wrapper.output_names, outputs, strict=True)}
             start = time.perf_counter()
             test = predictor.run_image(image.numpy())
-            onnx_ms.append(1000 * (time.perf_counter() - start))
+            export_ms.append(1000 * (time.perf_counter() - start))
             on_test_boxes = reference  # PyTorch's heads already ran on these very boxes when they are equal
             if predictor.has_densepose and not np.array_equal(reference["boxes"], test["boxes"]):
                 heads = wrapper.densepose_on_boxes(image[None], torch.from_numpy(test["boxes"]))
                 on_test_boxes = {name: t.cpu().numpy() for name, t in heads.items()}
             comparison.add(reference, test, on_test_boxes)
             if criteria.noise_floor_margin is not None:
-                perturbed = wrapper(one_gray_level_up(image)[None])
-                comparison.add_floor(reference, dict(zip(wrapper.output_names, (t.cpu().numpy() for t in perturbed),
-                                                         strict=True)))
-    return VerificationReport(criteria, comparison.finish(), len(torch_ms), torch_ms, onnx_ms)
+                comparison.add_floor(reference, run_model(one_gray_level_up(image)))
+    return VerificationReport(criteria, comparison.finish(), len(torch_ms), torch_ms, export_ms)
 
 
 def one_gray_level_up(image: torch.Tensor) -> torch.Tensor:
