@@ -316,21 +316,16 @@ def export_executorch_and_report(quantize_dir: str | Path, export_dir: str | Pat
     (``fnl.engine.benchmark.measure``): PyTorch float32, PyTorch int8 (PT2E), ExecuTorch int8 (XNNPACK)."""
     from fnl.cli.common import load_model_for_inference
     from fnl.engine.benchmark import measure
-    from fnl.export.pipeline import FLOAT_CHECKPOINT, split_images, torch_threads
+    from fnl.export.pipeline import quantize_outputs, split_images, torch_threads
     from fnl.export.report import write_report
     from fnl.export.verify import ap_rows
     from fnl.qat.pt2e import PT2E_CHECKPOINT, load_pt2e_checkpoint
 
-    quantize_dir, export_dir = Path(quantize_dir), Path(export_dir)
-    float_checkpoint, pt2e_checkpoint = quantize_dir / FLOAT_CHECKPOINT, quantize_dir / PT2E_CHECKPOINT
-    for checkpoint in (float_checkpoint, pt2e_checkpoint):
-        if not checkpoint.is_file():
-            raise FileNotFoundError(f"{checkpoint} not found: {quantize_dir} is not a fnl-quantize --engine pt2e "
-                                    f"output directory (it needs {FLOAT_CHECKPOINT} and {PT2E_CHECKPOINT})")
+    export_dir = Path(export_dir)
+    float_checkpoint, pt2e_checkpoint, overrides = quantize_outputs(quantize_dir, PT2E_CHECKPOINT,
+                                                                    "fnl-quantize --engine pt2e", data_root,
+                                                                    input_size)
     refuse_overwrite(export_dir / "report.json", force)
-    overrides = ["DATASETS.ROOT", str(data_root), "MODEL.DEVICE", "cpu"]
-    if input_size is not None:
-        overrides += ["INPUT.MIN_SIZE_TEST", str(input_size)]
     with torch_threads(threads):
         float_model, cfg = load_model_for_inference(str(float_checkpoint), None, overrides)
         int8_model, _, mode = load_pt2e_checkpoint(pt2e_checkpoint)

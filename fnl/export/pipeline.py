@@ -56,20 +56,14 @@ def export_and_report(quantize_dir: str | Path, export_dir: str | Path, data_roo
     ``verify_images`` test images are compared output by output; ``calibration_images`` training images calibrate
     ONNX Runtime's quantization. ``threads``: PyTorch and ONNX Runtime intra-op threads for every row.
     """
-    quantize_dir, export_dir = Path(quantize_dir), Path(export_dir)
-    float_checkpoint, int8_checkpoint = quantize_dir / FLOAT_CHECKPOINT, quantize_dir / INT8_CHECKPOINT
-    for checkpoint in (float_checkpoint, int8_checkpoint):
-        if not checkpoint.is_file():
-            raise FileNotFoundError(f"{checkpoint} not found: {quantize_dir} is not a fnl-quantize output directory "
-                                    f"(it needs {FLOAT_CHECKPOINT} and {INT8_CHECKPOINT})")
+    export_dir = Path(export_dir)
+    float_checkpoint, int8_checkpoint, overrides = quantize_outputs(quantize_dir, INT8_CHECKPOINT, "fnl-quantize",
+                                                                    data_root, input_size)
     if verify_images < 1 or calibration_images < 1:
         raise ValueError(f"verify_images and calibration_images must be at least 1, got {verify_images} and "
                          f"{calibration_images}")
     from fnl.cli.common import load_model_for_inference
 
-    overrides = ["DATASETS.ROOT", str(data_root), "MODEL.DEVICE", "cpu"]
-    if input_size is not None:
-        overrides += ["INPUT.MIN_SIZE_TEST", str(input_size)]
     with torch_threads(threads):
         float_model, cfg = load_model_for_inference(str(float_checkpoint), None, overrides)
         int8_model, _ = load_model_for_inference(str(int8_checkpoint), None, overrides)
@@ -110,6 +104,22 @@ def export_and_report(quantize_dir: str | Path, export_dir: str | Path, data_roo
                                                 ORT_PTQ_ONNX: ort_ptq.name}}}
     return write_report(export_dir, rows, cfg.INPUT.MIN_SIZE_TEST, threads,
                         "fnl-export: PyTorch, ONNX Runtime and Caffe2, float32 and int8", notes, extra)
+
+
+def quantize_outputs(quantize_dir: str | Path, int8_name: str, command: str, data_root: str | Path,
+                     input_size: int | None) -> tuple[Path, Path, list[str]]:
+    """The float and int8 checkpoints of a ``command`` output directory (checked to exist) and the config overrides
+    that evaluate them on ``data_root``'s test split at ``input_size`` on CPU."""
+    quantize_dir = Path(quantize_dir)
+    float_checkpoint, int8_checkpoint = quantize_dir / FLOAT_CHECKPOINT, quantize_dir / int8_name
+    for checkpoint in (float_checkpoint, int8_checkpoint):
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"{checkpoint} not found: {quantize_dir} is not a {command} output directory "
+                                    f"(it needs {FLOAT_CHECKPOINT} and {int8_name})")
+    overrides = ["DATASETS.ROOT", str(data_root), "MODEL.DEVICE", "cpu"]
+    if input_size is not None:
+        overrides += ["INPUT.MIN_SIZE_TEST", str(input_size)]
+    return float_checkpoint, int8_checkpoint, overrides
 
 
 def _caffe2_int8_row(int8_model: torch.nn.Module, directory: Path, cfg: CfgNode, mode: str) -> ReportRow:
