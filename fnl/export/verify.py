@@ -183,7 +183,7 @@ def verify_predictor(model: GeneralizedRCNN, predictor: GraphPredictor, images: 
                 on_test_boxes = {name: t.cpu().numpy() for name, t in heads.items()}
             comparison.add(reference, test, on_test_boxes)
             if criteria.noise_floor_margin is not None:
-                comparison.add_floor(reference, run_model(one_gray_level_up(image)))
+                comparison.floor.add(reference, run_model(one_gray_level_up(image)))
     return VerificationReport(criteria, comparison.finish(), len(torch_ms), torch_ms, export_ms)
 
 
@@ -193,6 +193,37 @@ def one_gray_level_up(image: torch.Tensor) -> torch.Tensor:
     height, width = image.shape[-2:]
     checkerboard = (torch.arange(height)[:, None] + torch.arange(width)[None]) % 2 == 0
     return (image.to(torch.float32) + checkerboard).clamp(max=255).to(image.dtype)
+
+
+class PairingFloor:
+    """How well the PyTorch model's detections pair with its own on the image + 1 gray level (``one_gray_level_up``),
+    and the pairing it makes the export's detections need (``criteria.noise_floor_margin``)."""
+
+    def __init__(self, criteria: Criteria) -> None:
+        self.criteria = criteria
+        self.row = DiffRow("detections, PyTorch vs PyTorch on the image + 1 gray level")
+        self.paired = 0
+
+    def add(self, reference: dict[str, np.ndarray], perturbed: dict[str, np.ndarray]) -> None:
+        pairs = match_detections(reference["boxes"], reference["classes"], perturbed["boxes"], perturbed["classes"],
+                                 self.criteria)
+        largest = max(len(reference["boxes"]), len(perturbed["boxes"]))
+        self.paired += len(pairs)
+        self.row.compared += largest
+        self.row.failures += largest - len(pairs)
+
+    def judge(self, detections: DiffRow, paired: int) -> list[DiffRow]:
+        """Set ``detections``' verdict (``paired`` of its ``compared`` paired up); returns the floor's row, if any."""
+        required = self.criteria.min_matched
+        rows = [self.row] if self.row.compared else []
+        if rows:
+            own = self.paired / self.row.compared
+            if own < required:  # a model less stable than the target: as stable as the model is, less the margin
+                required = max(0.0, own - self.criteria.noise_floor_margin)
+            self.row.tolerance = self.criteria.noise_floor_margin  # shown in the table: the margin below it
+        detections.tolerance = round(1 - required, 4)  # the fraction that may stay unpaired
+        detections.passed = detections.compared == 0 or paired / detections.compared >= required
+        return rows
 
 
 class _Comparison:
@@ -205,16 +236,7 @@ class _Comparison:
         self.scores = DiffRow("scores", tolerance=criteria.score_atol)
         self.heads = [DiffRow(name, tolerance=criteria.head_atol) for name in DENSEPOSE_OUTPUTS] if densepose else []
         self.paired = 0
-        self.floor = DiffRow("detections, PyTorch vs PyTorch on the image + 1 gray level")
-        self.floor_paired = 0
-
-    def add_floor(self, reference: dict[str, np.ndarray], perturbed: dict[str, np.ndarray]) -> None:
-        pairs = match_detections(reference["boxes"], reference["classes"], perturbed["boxes"], perturbed["classes"],
-                                 self.criteria)
-        largest = max(len(reference["boxes"]), len(perturbed["boxes"]))
-        self.floor_paired += len(pairs)
-        self.floor.compared += largest
-        self.floor.failures += largest - len(pairs)
+        self.floor = PairingFloor(criteria)
 
     def add(self, reference: dict[str, np.ndarray], test: dict[str, np.ndarray],
             reference_on_test_boxes: dict[str, np.ndarray]) -> None:
@@ -232,16 +254,7 @@ class _Comparison:
             row.add(reference_on_test_boxes[row.output], test[row.output])
 
     def finish(self) -> list[DiffRow]:
-        total = self.detections.compared
-        required = self.criteria.min_matched
-        floor = [self.floor] if self.floor.compared else []
-        if floor:
-            own = self.floor_paired / self.floor.compared
-            if own < required:  # a model less stable than the target: as stable as the model is, less the margin
-                required = max(0.0, own - self.criteria.noise_floor_margin)
-            self.floor.tolerance = self.criteria.noise_floor_margin  # shown in the table: the margin below it
-        self.detections.tolerance = round(1 - required, 4)  # the fraction that may stay unpaired
-        self.detections.passed = total == 0 or self.paired / total >= required
+        floor = self.floor.judge(self.detections, self.paired)
         return [self.detections, *floor, self.boxes, self.scores, *self.heads]
 
 

@@ -99,7 +99,7 @@ def test_int8_pairing_is_judged_against_the_models_own_sensitivity(floor_moves, 
 
     comparison = _Comparison(INT8, densepose=False)
     comparison.add(reference, moved(export_moves), reference)
-    comparison.add_floor(reference, moved(floor_moves))
+    comparison.floor.add(reference, moved(floor_moves))
     detections, floor = comparison.finish()[:2]
     assert floor.output.startswith("detections, PyTorch vs PyTorch") and floor.failures == floor_moves
     assert detections.failures == export_moves and detections.passed is passed

@@ -11,7 +11,8 @@
     product, so a value on a rounding tie can differ by one step in one layer, and the DensePose head stacks 12 int8
     layers. The largest difference is reported. The per-tensor export (stock Caffe2) requantizes the weights
     and changes the numerics themselves: its rows fail by the number of steps they differ, reported as such.
-  * end to end: detections pair at IoU >= 0.9 (``INT8``); boxes, scores and the DensePose outputs on the very same
+  * end to end: detections pair at IoU >= 0.9 (``INT8``, with its floor: the PyTorch model's own pairing on the
+    image + 1 gray level, see fnl.export.verify); boxes, scores and the DensePose outputs on the very same
     boxes (PyTorch's heads run again on the net's boxes) are reported, not judged: they also carry the trunk's
     rounding differences (a one-step tie early in the backbone propagates through ~100 int8 layers), and a
     random-weight model's detections are decided by ties in its quantized scores.
@@ -43,7 +44,16 @@ from fnl.export.caffe2.writer import BOX_POOLED, DENSEPOSE_POOLED, INIT_NET_FILE
 from fnl.export.onnx import ExportableRCNN, eval_mode, model_precision, to_onnx
 from fnl.export.report import ReportRow
 from fnl.export.runtime import DENSEPOSE_OUTPUTS, OnnxPredictor
-from fnl.export.verify import FLOAT32, INT8, Criteria, DiffRow, VerificationReport, match_detections
+from fnl.export.verify import (
+    FLOAT32,
+    INT8,
+    Criteria,
+    DiffRow,
+    PairingFloor,
+    VerificationReport,
+    match_detections,
+    one_gray_level_up,
+)
 from fnl.modeling import GeneralizedRCNN
 
 FLOAT32_HEAD_ATOL = 1e-3
@@ -228,9 +238,12 @@ def _compare(predictor: Caffe2Predictor, reference: _OnnxReference | _PyTorchRef
     detections = DiffRow("detections")
     boxes = DiffRow("boxes", tolerance=criteria.box_atol)
     scores = DiffRow("scores", tolerance=criteria.score_atol)
+    floor = PairingFloor(criteria)
     paired = 0
     for image in images:
         expected = reference.run(image)
+        if criteria.noise_floor_margin is not None and isinstance(reference, _PyTorchReference):
+            floor.add(expected, reference.run(one_gray_level_up(image)))
         test = predictor.run_image(image.numpy(), fetch=stages.fetch if stages is not None else ())
         pairs = match_detections(expected["boxes"], expected["classes"], test["boxes"], test["classes"], criteria)
         largest = max(len(expected["boxes"]), len(test["boxes"]))
@@ -246,9 +259,9 @@ def _compare(predictor: Caffe2Predictor, reference: _OnnxReference | _PyTorchRef
             heads.add(reference_rows, test, compared_index)
         if stages is not None:
             stages.add(test)
-    detections.passed = detections.compared == 0 or paired / detections.compared >= criteria.min_matched
-    return VerificationReport(criteria, [detections, boxes, scores, *(heads.rows if heads is not None else [])],
-                              len(images))
+    floor_rows = floor.judge(detections, paired)
+    return VerificationReport(criteria, [detections, *floor_rows, boxes, scores,
+                                         *(heads.rows if heads is not None else [])], len(images))
 
 
 def caffe2_report_row(name: str, model_dir: str | Path, cfg: CfgNode, precision: str, method: str,
