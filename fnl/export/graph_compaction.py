@@ -141,12 +141,15 @@ class _ShortNames:
 
 
 def _rename(nodes: Iterable[onnx.NodeProto], resolve, short_names: _ShortNames) -> None:
-    """Clear node names and shorten value names, in subgraphs too (they read outer-scope values by name)."""
+    """Clear node names and shorten value names, in subgraphs too (they read outer-scope values and their own
+    inputs by name)."""
     for node in nodes:
         node.name = ""
         node.input[:] = [short_names(resolve(name)) for name in node.input]
         node.output[:] = [short_names(name) for name in node.output]
         for subgraph in _subgraphs(node):
+            for value in subgraph.input:  # a Loop / Scan body's own inputs, read by its nodes
+                value.name = short_names(value.name)
             for value in subgraph.output:
                 value.name = short_names(resolve(value.name))
             for tensor in subgraph.initializer:

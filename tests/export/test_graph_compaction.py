@@ -68,6 +68,34 @@ def test_compaction_folds_constants_drops_identity_casts_and_shortens_names_with
         np.testing.assert_array_equal(_run(compacted, {"x": x})[0], _run(model, {"x": x})[0])
 
 
+def test_a_loop_body_keeps_reading_its_own_inputs_after_compaction():
+    """Loop bodies have inputs of their own (iteration number, condition, carried values), renamed with the nodes
+    that read them."""
+    scale = numpy_helper.from_array(np.array(2.0, np.float32))
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["/body/condition_in"], ["/body/condition_out"]),
+         helper.make_node("Mul", ["/body/carried_in", "/outer/scale"], ["/body/carried_out"])],
+        "body",
+        [helper.make_tensor_value_info("/body/iteration", TensorProto.INT64, []),
+         helper.make_tensor_value_info("/body/condition_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("/body/carried_in", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("/body/condition_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("/body/carried_out", TensorProto.FLOAT, [2])])
+    nodes = [
+        helper.make_node("Constant", [], ["/outer/scale"], value=scale),
+        helper.make_node("Constant", [], ["/outer/trips"], value=numpy_helper.from_array(np.array(3, np.int64))),
+        helper.make_node("Constant", [], ["/outer/true"], value=numpy_helper.from_array(np.array(True))),
+        helper.make_node("Loop", ["/outer/trips", "/outer/true", "x"], ["y"], body=body),
+    ]
+    graph = helper.make_graph(nodes, "loop", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    compacted = compact_graph(model)
+    onnx.checker.check_model(compacted, full_check=True)
+    x = np.array([1.0, -0.5], np.float32)
+    np.testing.assert_array_equal(_run(compacted, {"x": x})[0], x * 8)
+
+
 def test_a_compacted_int8_export_is_smaller_and_computes_exactly_what_the_exporter_wrote(int8_export, tmp_path):
     named = to_onnx(int8_export.int8_model, tmp_path / "named.onnx", int8_export.images[0], compact=False)
     compacted = compact_onnx_file(named, tmp_path / "compact.onnx")
