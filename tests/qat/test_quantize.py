@@ -135,6 +135,10 @@ def test_qat_trains_freezes_and_resumes(tiny_cfg, tmp_path):
     assert len(result.history) == 3 and all(torch.isfinite(torch.tensor(h["total_loss"])) for h in result.history)
     fake_quants = [m for m in result.prepared.modules() if hasattr(m, "observer_enabled")]
     assert fake_quants and all(int(m.observer_enabled) == 0 for m in fake_quants)  # frozen at iteration 2
+    # QAT trained against the scales convert quantizes with (fnl.qat.quantize.qat_qconfig)
+    for fake_quant in fake_quants:
+        torch.testing.assert_close(fake_quant.scale, fake_quant.calculate_qparams()[0].to(fake_quant.scale.dtype),
+                                   rtol=1e-5, atol=0)
     assert (tmp_path / "qat_model_0000001.pth").is_file() and (tmp_path / "qat_model_final.pth").is_file()
     resumed = quantize(model, tiny_cfg, "qat", output_dir=tmp_path, resume=True)
     assert resumed.history == []  # the run was complete
