@@ -793,9 +793,31 @@ def _fuse_max_pool(c: _Converter, node: onnx.NodeProto, quantize: onnx.NodeProto
     x = _dequantized_input(c, node.input[0])
     if x is None or relu or x.layout != NHWC or not _same_quantization(x, scale, zero_point):
         return None
-    c.emit("Int8MaxPool", [x.blob], [out], node, **_pool_arguments(node), order=NHWC, Y_scale=scale,
-           Y_zero_point=zero_point)
+    arguments = _pool_arguments(node)
+    if arguments["kernels"] == [1, 1]:
+        return _subsampling_conv(c, node, x, out, arguments) if not any(arguments["pads"]) else None
+    c.emit("Int8MaxPool", [x.blob], [out], node, **arguments, order=NHWC, Y_scale=scale, Y_zero_point=zero_point)
     return _Int8(out, scale, zero_point, NHWC)
+
+
+def _subsampling_conv(c: _Converter, node: onnx.NodeProto, x: _Int8, out: str, arguments: dict[str, Any]) -> _Int8:
+    """A 1x1 max pool (strided: the BiFPN's P6 subsampling) as a depthwise 1x1 Int8Conv with identity weights.
+
+    QNNPACK refuses 1x1 pooling, so Caffe2 mobile could not create Int8MaxPool here. The conv is exact: weight code 2
+    at scale 0.5 (QNNPACK needs a requantization scale below 1: here s_x * 0.5 / s_x = 0.5), zero bias, the input's
+    scale and zero point out, so every output code is (x - z) * 2 * 0.5 + z = x.
+    """
+    channels = c.shape(node.input[0])[1]
+    weight = c.blob(out, "_w")
+    c.init_ops.append(make_op("Int8GivenTensorFill", [], [weight], shape=[channels, 1, 1, 1],
+                              values=np.full(channels, 128 + 2, np.uint8).tobytes(), Y_scale=0.5, Y_zero_point=128))
+    bias = c.blob(out, "_b")
+    c.init_ops.append(make_op("Int8GivenIntTensorFill", [], [bias], shape=[channels], values=[0] * channels,
+                              Y_scale=x.scale * 0.5, Y_zero_point=0))
+    c.emit("Int8Conv", [x.blob, weight, bias], [out], node, kernels=[1, 1], strides=arguments["strides"],
+           pads=arguments["pads"], dilations=[1, 1], group=channels, order=NHWC, Y_scale=x.scale,
+           Y_zero_point=x.zero_point)
+    return _Int8(out, x.scale, x.zero_point, NHWC)
 
 
 def _fuse_global_average_pool(c: _Converter, node: onnx.NodeProto, quantize: onnx.NodeProto, out: str,

@@ -824,9 +824,19 @@ def _int8_concat(inputs: list[Blob], args: Args) -> list[Blob]:
             torch.tensor([t.data.shape[axis] for t in tensors], dtype=torch.int32)]
 
 
+def _check_qnnpack_pooling(args: Args, op: str) -> None:
+    """QNNPACK (which runs Caffe2's Int8 pooling) refuses a 1-element window: 'failed to create max pooling with 1
+    pooling element: 1x1 pooling is meaningless' (src/max-pooling.c, likewise average pooling)."""
+    if not args.bool("global_pooling", False) and math.prod(_Window.from_args(args).kernel) == 1:
+        raise ValueError(f"{op} with a 1x1 window: QNNPACK refuses 1x1 pooling, so Caffe2 mobile cannot create this "
+                         "operator (a strided 1x1 max pool is a subsampling: write it as a depthwise Int8Conv with "
+                         "identity weights, as fnl.export.caffe2.convert does)")
+
+
 @_register("Int8MaxPool")
 def _int8_max_pool(inputs: list[Blob], args: Args) -> list[Blob]:
     _check_nhwc(args, "Int8MaxPool")
+    _check_qnnpack_pooling(args, "Int8MaxPool")
     x = _int8(inputs[0])
     _check_same_quantization(x, args, "Int8MaxPool")
     pooled = _pool(x.data.permute(0, 3, 1, 2).to(torch.float32), args, "NCHW", "max")
@@ -836,6 +846,7 @@ def _int8_max_pool(inputs: list[Blob], args: Args) -> list[Blob]:
 @_register("Int8AveragePool")
 def _int8_average_pool(inputs: list[Blob], args: Args) -> list[Blob]:
     _check_nhwc(args, "Int8AveragePool")
+    _check_qnnpack_pooling(args, "Int8AveragePool")
     x = _int8(inputs[0])
     y_scale, y_zero_point = _output_args(args)
     real = _pool((x.data.to(torch.float64) - x.zero_point).permute(0, 3, 1, 2), args, "NCHW", "average") * x.scale

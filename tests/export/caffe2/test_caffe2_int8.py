@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 from caffe2_testing import QUANTIZATION_WARNINGS, verification_images
 
-from fnl.export.caffe2 import caffe2_report_row, to_caffe2, verify_caffe2
-from fnl.export.caffe2.proto import arguments_of, load_netdef
+from fnl.export.caffe2 import Caffe2Predictor, NetExecutor, caffe2_report_row, to_caffe2, verify_caffe2
+from fnl.export.caffe2.executor import Caffe2ExecutionError
+from fnl.export.caffe2.predictor import prepare_inputs
+from fnl.export.caffe2.proto import arguments_of, load_netdef, make_op
 from fnl.export.caffe2.writer import INIT_NET_FILE, PREDICT_NET_FILE
 
 pytestmark = QUANTIZATION_WARNINGS
 
 INT8_OPS = {"Int8Quantize", "Int8Dequantize", "Int8Conv", "Int8ConvRelu", "Int8Add", "Int8ConvTranspose", "Int8FC",
-            "Int8Concat", "Int8MaxPool", "Int8ResizeNearest", "Int8AveragePool", "Int8Flatten"}
+            "Int8Concat", "Int8ResizeNearest", "Int8AveragePool", "Int8Flatten"}
 
 
 def test_int8_net_runs_the_network_on_qnnpack_int8_operators(caffe2_int8):
@@ -27,6 +31,33 @@ def test_int8_net_runs_the_network_on_qnnpack_int8_operators(caffe2_int8):
             assert arguments_of(op)["order"].s == b"NHWC"
     biases = [op for op in load_netdef(caffe2_int8.directory / INIT_NET_FILE).op if op.type == "Int8GivenIntTensorFill"]
     assert biases and all(arguments_of(op)["Y_zero_point"].i == 0 for op in biases)
+
+
+def test_p6_subsampling_is_an_identity_depthwise_conv_that_qnnpack_can_create(caffe2_int8):
+    """The BiFPN's P6 is a 1x1 max pool with stride 2, which QNNPACK refuses: it is written as an exact depthwise
+    Int8Conv, and the executor refuses the Int8MaxPool that Caffe2 mobile could not create."""
+    predict, init = (load_netdef(caffe2_int8.directory / name) for name in (PREDICT_NET_FILE, INIT_NET_FILE))
+    pools = [op for op in predict.op if op.type in ("Int8MaxPool", "Int8AveragePool")]
+    assert all(list(arguments_of(op).get("kernels", ()).ints) != [1, 1] for op in pools if op.type == "Int8MaxPool")
+    subsampling = [op for op in predict.op if op.type == "Int8Conv" and "MaxPool" in op.name]
+    assert len(subsampling) == 1
+    args = arguments_of(subsampling[0])
+    assert list(args["kernels"].ints) == [1, 1] and list(args["strides"].ints) == [2, 2]
+    weight = next(op for op in init.op if op.output[0] == subsampling[0].input[1])
+    assert arguments_of(weight)["Y_scale"].f == 0.5 and set(arguments_of(weight)["values"].s) == {130}
+    assert args["group"].i == len(arguments_of(weight)["values"].s)
+
+    # the same node as Int8MaxPool: refused, as QNNPACK refuses it
+    op = subsampling[0]
+    pool = make_op("Int8MaxPool", [op.input[0]], list(op.output), kernels=[1, 1], strides=[2, 2], pads=[0, 0, 0, 0],
+                   order="NHWC", Y_scale=args["Y_scale"].f, Y_zero_point=args["Y_zero_point"].i)
+    index = list(predict.op).index(op)
+    predict.op.remove(op)
+    predict.op.insert(index, pool)
+    files = Caffe2Predictor(caffe2_int8.directory)
+    inputs = prepare_inputs(np.asarray(verification_images()[0]), files.pixel_mean, files.size_divisibility)
+    with pytest.raises(Caffe2ExecutionError, match="QNNPACK refuses 1x1 pooling"):
+        NetExecutor(predict, init).run(inputs)
 
 
 def test_per_channel_export_heads_are_within_one_quantization_step_of_pytorch(caffe2_int8_per_channel):
