@@ -140,6 +140,9 @@ _C.QUANTIZATION = CfgNode()
 # float: torch 2.14's quantized ConvTranspose2d is wrong there (see fnl.qat.quantize.TRANSPOSED_CONV_OK).
 _C.QUANTIZATION.BACKEND = "fbgemm"
 _C.QUANTIZATION.MODE = "qat"  # "qat": quantization-aware training | "ptq": calibration only
+# "per-channel" int8 weights (fbgemm, XNNPACK) | "per-tensor": one scale per layer, what stock Caffe2's Int8 ops and
+# QNNPACK compute; quantize with it when the target is fnl-export --format caffe2, so QAT trains what the device runs.
+_C.QUANTIZATION.WEIGHT_SCALES = "per-channel"
 # Modules (qualified names) kept in float on top of the islands every model has (RPN decoding, RoI pooling,
 # predictor outputs): their inputs are dequantized and their outputs quantized again.
 _C.QUANTIZATION.FLOAT_MODULES = []

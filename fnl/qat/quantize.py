@@ -14,6 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+from torch.ao.nn import quantized as nnq
 from torch.ao.nn.intrinsic.qat import freeze_bn_stats
 from torch.ao.quantization import (
     FakeQuantize,
@@ -27,6 +28,7 @@ from torch.ao.quantization import (
 from tqdm import tqdm
 
 from fnl.config import CfgNode
+from fnl.export.onnx import eval_mode
 from fnl.hooks import (
     HookRecord,
     audit_hooks,
@@ -89,13 +91,19 @@ def fake_quant_as_converted(constructor: Any) -> Any:
                                   eps=float(observer.eps), **per_channel)
 
 
-def assign_qconfig(model: nn.Module, backend: str, qat: bool) -> None:
-    """Per-channel int8 weights, uint8 activations; transposed convs get per-tensor weights, which is what
-    torch.ao's quantized ConvTranspose2d supports. Float islands already carry ``qconfig = None``."""
+WEIGHT_SCALES = ("per-channel", "per-tensor")
+
+
+def assign_qconfig(model: nn.Module, backend: str, qat: bool, weight_scales: str = "per-channel") -> None:
+    """Int8 weights with one scale per output channel (or per tensor), uint8 activations; transposed convs get
+    per-tensor weights, which is what torch.ao's quantized ConvTranspose2d supports. Float islands already carry
+    ``qconfig = None``."""
+    if weight_scales not in WEIGHT_SCALES:
+        raise ValueError(f"QUANTIZATION.WEIGHT_SCALES must be one of {WEIGHT_SCALES}, got '{weight_scales}'")
     qconfig = qat_qconfig(backend) if qat else get_default_qconfig(backend)
-    model.qconfig = qconfig
     per_tensor = QConfig(activation=qconfig.activation,
                          weight=default_weight_fake_quant if qat else default_weight_observer)
+    model.qconfig = qconfig if weight_scales == "per-channel" else per_tensor
     for module in model.modules():
         if isinstance(module, nn.ConvTranspose2d) and getattr(module, "qconfig", qconfig) is not None:
             module.qconfig = per_tensor
@@ -118,7 +126,7 @@ def prepare(float_model: nn.Module, cfg: CfgNode, mode: str | None = None,
     patched.train(qat)
     fused = fuse_model(patched, is_qat=qat, inplace=True)
     stages.hook_audits["fuse"] = audit_hooks(fused)
-    assign_qconfig(fused, backend, qat)
+    assign_qconfig(fused, backend, qat, cfg.QUANTIZATION.WEIGHT_SCALES)
     prepare_stage = prepare_qat_preserving_hooks if qat else prepare_preserving_hooks
     prepared = prepare_stage(fused, inplace=True)
     stages.hook_audits["prepare"] = audit_hooks(prepared)
@@ -188,16 +196,77 @@ def apply_frozen_state(model: nn.Module, cfg: CfgNode, iteration: int) -> None:
         freeze_observers(model)
 
 
-def convert(prepared: nn.Module, stages: QuantizationStages | None = None) -> nn.Module:
-    """The real int8 model (torch.ao quantized modules), hooks kept."""
+def convert(prepared: nn.Module, stages: QuantizationStages | None = None, snap: bool = True) -> nn.Module:
+    """The real int8 model (torch.ao quantized modules), hooks kept, biases on the integer runtimes' grid
+    (``snap_biases``; ``snap=False`` for a structure whose weights are loaded afterwards)."""
     prepared.eval()
     int8 = convert_preserving_hooks(prepared, inplace=False)
+    if snap:
+        snap_biases(int8)
     if stages is not None:
         stages.hook_audits["convert"] = audit_hooks(int8)
     return int8.eval()
 
 
+WEIGHTED_INT8 = (nnq.Conv2d, nnq.ConvTranspose2d, nnq.Linear)  # the fused ConvReLU2d / LinearReLU included
+
+
+@torch.no_grad()
+def snap_biases(int8_model: nn.Module) -> int:
+    """Put every int8 conv / linear bias on the int32 grid of input scale x weight scale; returns how many.
+
+    Integer runtimes keep biases as int32 at that scale (QNNPACK and Caffe2's Int8 ops, XNNPACK, ONNX's QLinearConv
+    and QDQ convs); fbgemm adds the float bias. Snapped, the PyTorch int8 model computes the integer sums the
+    exports compute, instead of differing by up to half a grid step in every layer (which rounding ties then carry
+    through the DensePose head's 12 int8 layers). The input scale of each layer is static (its producer's output
+    scale): it is read by running every int8 region once on example inputs.
+    """
+    input_scales: dict[nn.Module, float] = {}
+
+    def record_input_scale(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        input_scales.setdefault(module, float(args[0].q_scale()))
+
+    handles = [module.register_forward_pre_hook(record_input_scale)
+               for module in int8_model.modules() if isinstance(module, WEIGHTED_INT8)]
+    try:
+        _run_int8_regions(int8_model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for module, input_scale in input_scales.items():
+        weight, bias = module.weight(), module.bias()
+        if bias is None:
+            continue
+        if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            weight_scales = weight.q_per_channel_scales().to(torch.float64)
+        else:
+            weight_scales = torch.tensor(weight.q_scale(), dtype=torch.float64)
+        grid = input_scale * weight_scales
+        module.set_weight_bias(weight, (torch.round(bias.to(torch.float64) / grid) * grid).to(torch.float32))
+    return len(input_scales)
+
+
+def _run_int8_regions(int8_model: nn.Module) -> None:
+    """Every int8 region of the eager model once: the backbone and RPN head on a blank image, each RoI head from its
+    pooler's quantization on random pooled features (the heads run whether or not anything is detected)."""
+    from fnl.qat.patch import IMAGE, REGION_NAMES, FloatIsland, active_regions
+    from fnl.qat.regions import RegionModules
+
+    side = 4 * max(int8_model.size_divisibility, 32)  # room for every pyramid level
+    with eval_mode(int8_model):
+        features = int8_model.backbone(torch.zeros(1, 3, side, side))
+        rpn = int8_model.proposal_generator
+        rpn.rpn_head([features[name] for name in rpn.in_features])
+        channels = features[rpn.in_features[0]].shape[1]
+        for region in active_regions(int8_model):
+            pooler = int8_model.get_submodule(region.entry) if region.entry not in (IMAGE, *REGION_NAMES) else None
+            if isinstance(pooler, FloatIsland):  # RoI pooling, a float island that quantizes its output
+                side = pooler.module.output_size
+                pooled = torch.randn(2, channels, side, side, generator=torch.Generator().manual_seed(0))
+                RegionModules([int8_model.get_submodule(name) for name in region.modules])(pooler.quant(pooled))
+
+
 def build_int8_structure(float_model: nn.Module, cfg: CfgNode, mode: str) -> nn.Module:
     """The int8 module tree for ``cfg`` (weights not yet loaded): how an int8 checkpoint is reloaded."""
     prepared = prepare(float_model, cfg, mode)
-    return convert(prepared)
+    return convert(prepared, snap=False)

@@ -83,8 +83,9 @@ def quantize_and_report(ckpt: str | Path, output: str | Path, config: str | None
     hooks = {stage: len(records) for stage, records in result.stages.hook_audits.items()}
     q = cfg.QUANTIZATION
     backend = (f"Engine PT2E (torchao `prepare{'_qat' if mode == 'qat' else ''}_pt2e` / `convert_pt2e`, ExecuTorch's "
-               "XNNPACK quantizer: int8 per-channel symmetric weights, int8 activations; each region below is one "
-               "`torch.export` program)" if engine == "pt2e" else f"Backend `{q.BACKEND}`")
+               f"XNNPACK quantizer: int8 {q.WEIGHT_SCALES} symmetric weights, int8 activations; each region below is "
+               "one `torch.export` program)" if engine == "pt2e"
+               else f"Backend `{q.BACKEND}`, int8 {q.WEIGHT_SCALES} weights, uint8 activations")
     notes = [
         f"{backend}; {mode.upper()}"
         + (f" for {q.MAX_ITER} iterations at LR {q.BASE_LR} (BN frozen at {q.FREEZE_BN_ITER}, observers at "

@@ -20,8 +20,8 @@ from fnl.qat.pt2e import (  # noqa: E402
     MergedIntoRegion,
     capture_region,
     exported_regions,
-    region_captures,
 )
+from fnl.qat.regions import region_captures  # noqa: E402
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 TAPS = ["blocks.1.2.conv_pwl", "blocks.2.3.conv_pwl", "blocks.4.3.conv_pwl", "blocks.6.0.conv_pwl"]
@@ -123,3 +123,20 @@ def test_pt2e_refuses_an_eager_backend(tmp_path, capsys):
     code = main(["--ckpt", str(tmp_path / "none.pth"), "--engine", "pt2e", "--backend", "x86",
                  "--output", str(tmp_path / "out")])
     assert code == 2 and "XNNPACK" in capsys.readouterr().err
+
+
+def test_weight_scales_choose_the_xnnpack_weight_quantization():
+    from torchao.quantization.pt2e.fake_quantize import FakeQuantize
+    from torchao.quantization.pt2e.observer import MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver
+
+    from fnl.qat.pt2e import xnnpack_quantizer
+
+    for weight_scales, qscheme, observer in (("per-channel", torch.per_channel_symmetric,
+                                              MovingAveragePerChannelMinMaxObserver),
+                                             ("per-tensor", torch.per_tensor_symmetric, MovingAverageMinMaxObserver)):
+        weight = xnnpack_quantizer(True, weight_scales).global_config.weight
+        constructor = weight.observer_or_fake_quant_ctr
+        assert weight.qscheme == qscheme
+        assert constructor.p.func is FakeQuantize and constructor.p.keywords["observer"] is observer
+    with pytest.raises(ValueError, match="QUANTIZATION.WEIGHT_SCALES must be one of"):
+        xnnpack_quantizer(False, "per-row")

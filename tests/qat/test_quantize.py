@@ -145,3 +145,35 @@ def test_qat_trains_freezes_and_resumes(tiny_cfg, tmp_path):
     with torch.no_grad():
         out = result.int8_model([{"image": torch.randint(0, 256, (3, 128, 128), dtype=torch.uint8)}])[0]
     assert out["densepose"]["fine_segm"].dtype == torch.float32
+
+
+def test_per_tensor_weights_and_biases_on_the_integer_grid(float_model, image):
+    """QUANTIZATION.WEIGHT_SCALES per-tensor gives one weight scale per layer (stock Caffe2 / QNNPACK); convert puts
+    every bias on the int32 grid (input scale x weight scale) that integer runtimes store it on."""
+    from fnl.qat.quantize import WEIGHTED_INT8
+
+    cfg = load_config("mobile_parsing_rcnn_b", [*SMALL, "QUANTIZATION.WEIGHT_SCALES", "per-tensor"])
+    prepared = prepare(float_model, cfg, "ptq")
+    calibrate(prepared, [[{"image": image}]], num_images=1)
+    int8 = convert(prepared)
+    layers = [m for m in int8.modules() if isinstance(m, WEIGHTED_INT8)]
+    assert len(layers) > 100
+    assert all(m.weight().qscheme() == torch.per_tensor_affine and m.weight().q_zero_point() == 0 for m in layers)
+    input_scales = {}
+
+    def record(module, args):
+        input_scales.setdefault(module, args[0].q_scale())
+
+    for module in layers:
+        module.register_forward_pre_hook(record)
+    with torch.no_grad():
+        int8([{"image": image}])
+    checked = 0
+    for module, input_scale in input_scales.items():
+        if module.bias() is not None:
+            steps = module.bias().double() / (input_scale * module.weight().q_scale())
+            torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-3)
+            checked += 1
+    assert checked > 100
+    with pytest.raises(ValueError, match="QUANTIZATION.WEIGHT_SCALES must be one of .* got 'per-row'"):
+        prepare(float_model, load_config("mobile_parsing_rcnn_b", ["QUANTIZATION.WEIGHT_SCALES", "per-row"]), "ptq")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from caffe2_testing import QUANTIZATION_WARNINGS, verification_images
+from export_testing import one_intra_op_thread
 
 from fnl.export.caffe2 import Caffe2Predictor, NetExecutor, caffe2_report_row, to_caffe2, verify_caffe2
 from fnl.export.caffe2.executor import Caffe2ExecutionError
@@ -78,6 +79,19 @@ def test_per_tensor_export_reports_what_requantizing_the_weights_costs(caffe2_in
     result = verify_caffe2(caffe2_int8.model, caffe2_int8.directory, verification_images()[:1])
     steps = {row.output: row.max_abs_diff / row.tolerance for row in result.stages}
     assert all(0 <= s < 16 for s in steps.values()), result.table()  # honest, bounded, not hidden
+
+
+def test_a_model_quantized_with_per_tensor_weights_exports_to_stock_caffe2_exactly(int8_model_per_tensor_weights,
+                                                                                   tmp_path):
+    # QUANTIZATION.WEIGHT_SCALES per-tensor: QAT / PTQ choose the one scale stock Caffe2 runs, nothing is requantized,
+    # and the heads agree to a step as the per-channel export does with a per-channel model.
+    with one_intra_op_thread():
+        export = to_caffe2(int8_model_per_tensor_weights, tmp_path)
+        result = verify_caffe2(int8_model_per_tensor_weights, tmp_path, verification_images())
+    assert export.weight_scales == "per-tensor"
+    assert export.weight_requantization == [] or all(r.max_abs_error == 0 for r in export.weight_requantization)
+    assert result.stages_passed, result.table()
+    assert all(row.compared > 0 and row.max_abs_diff <= 2 * row.tolerance for row in result.stages)
 
 
 def test_report_row_scores_the_files_and_leaves_latency_empty(caffe2_int8, tiny_cfg):
