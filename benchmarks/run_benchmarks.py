@@ -1,11 +1,13 @@
 """Regenerate docs/BENCHMARKS.md in one run: model B at a given input size (every row of the export report), an
 input-size sweep (the paper's Table 4) and a people-per-image sweep (Table 5), with machine, threads and versions.
 
-    python benchmarks/run_benchmarks.py --quantize-dir out/demo/quantize [--threads 2] [--sizes 200 400 512 600]
+    python benchmarks/run_benchmarks.py --quantize-dir out/demo/quantize [--pt2e-dir out/demo/quantize_pt2e]
+        [--threads 2] [--sizes 200 400 512 600]
 
-The ONNX files it exports go to docs/benchmark_export/ (ignored by git).
+The ONNX, Caffe2 and ExecuTorch files it exports go to docs/benchmark_export/ (ignored by git).
 
-``--quantize-dir`` is an fnl-quantize output (model_fp32.pth, model_int8.pth). Figures are measured, never copied.
+``--quantize-dir`` is an fnl-quantize output (model_fp32.pth, model_int8.pth); ``--pt2e-dir`` an fnl-quantize
+--engine pt2e one, whose ExecuTorch exports join the headline table. Figures are measured, never copied.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quantize-dir", required=True)
     parser.add_argument("--skip-export", action="store_true", help="leave out the ONNX rows (no export in this run)")
+    parser.add_argument("--pt2e-dir", help="fnl-quantize --engine pt2e output: add its ExecuTorch rows")
     parser.add_argument("--data", help="dataset root (default: the embedded synthetic set)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--size", type=int, default=512)
@@ -62,7 +65,8 @@ def main() -> None:
         model, cfg = load_model_for_inference(str(quantize_dir / file), None, ["DATASETS.ROOT", data_root])
         models[key] = (model, cfg, round((quantize_dir / file).stat().st_size / 1e6, 3))
 
-    sections = [f"# Benchmarks\n\nOne run of `python benchmarks/run_benchmarks.py --quantize-dir {args.quantize_dir}`"
+    command = f"--quantize-dir {args.quantize_dir}" + (f" --pt2e-dir {args.pt2e_dir}" if args.pt2e_dir else "")
+    sections = [f"# Benchmarks\n\nOne run of `python benchmarks/run_benchmarks.py {command}`"
                 f" on {machine_info()['cpu']}, {args.threads} thread(s); versions: {json.dumps(versions())}.\n"]
     headline = rows_at(models, data_root, args.size)
     if not args.skip_export:
@@ -72,6 +76,13 @@ def main() -> None:
         exported = export_and_report(quantize_dir, Path(args.output).parent / "benchmark_export", data_root,
                                      threads=args.threads, input_size=args.size)
         headline += [ReportRow(**r) for r in exported["rows"] if r["format"] != "pytorch"]
+    if args.pt2e_dir:
+        from fnl.export.executorch import export_executorch_and_report
+
+        exported = export_executorch_and_report(args.pt2e_dir, Path(args.output).parent / "benchmark_export" /
+                                                "executorch", data_root, threads=args.threads, force=True,
+                                                input_size=args.size)
+        headline += [ReportRow(**r) for r in exported["rows"] if r["format"] == "executorch"]
     sections.append(format_report_markdown(headline, args.size, args.threads, f"Model B at {args.size} px"))
     sweep = {}
     for size in args.sizes:

@@ -38,7 +38,8 @@ from fnl.export.report import ReportRow, file_megabytes
 from fnl.export.runtime import GraphPredictor
 from fnl.export.verify import INT8, Criteria, VerificationReport, verify_predictor
 from fnl.qat.patch import IMAGE, active_regions
-from fnl.qat.pt2e import exported_regions, install_region, region_captures, require_pt2e, run_per_level
+from fnl.qat.pt2e import exported_regions, install_region, require_pt2e
+from fnl.qat.regions import region_captures, run_per_level
 from fnl.utils.io import refuse_overwrite, write_bytes_atomic, write_json_atomic
 
 MANIFEST = "executorch.json"
@@ -304,52 +305,63 @@ def executorch_row(directory: str | Path, cfg: CfgNode, method: str, threads: in
                    predictor, cfg, size)
 
 
-EXECUTORCH_DIR = "executorch"
+EXECUTORCH_DIR, EXECUTORCH_PTQ_DIR = "executorch", "executorch_ptq"
 
 
 def export_executorch_and_report(quantize_dir: str | Path, export_dir: str | Path, data_root: str | Path,
                                  threads: int = 2, verify_images: int = 8, force: bool = False,
                                  input_size: int | None = None) -> dict[str, Any]:
-    """From a ``fnl-quantize --engine pt2e`` directory (model_fp32.pth, model_pt2e.pth): lower the PT2E int8 model
-    to ``export_dir/executorch``, verify it against the PyTorch PT2E model (``INT8`` criteria on the first test
-    images, AP on the test split) and write report.json / .md / .png with three rows measured the same way
-    (``fnl.engine.benchmark.measure``): PyTorch float32, PyTorch int8 (PT2E), ExecuTorch int8 (XNNPACK)."""
+    """From a ``fnl-quantize --engine pt2e`` directory (model_fp32.pth, model_pt2e.pth, and model_pt2e_ptq.pth
+    when QAT ran with its PTQ baseline): lower each PT2E int8 model (``export_dir/executorch``, the baseline to
+    ``export_dir/executorch_ptq``), verify it against its PyTorch PT2E model (``INT8`` criteria on the first test
+    images, AP on the test split) and write report.json / .md / .png with rows measured the same way
+    (``fnl.engine.benchmark.measure``): PyTorch float32, then per int8 model PyTorch int8 (PT2E) and ExecuTorch int8
+    (XNNPACK)."""
     from fnl.cli.common import load_model_for_inference
     from fnl.engine.benchmark import measure
     from fnl.export.pipeline import quantize_outputs, split_images, torch_threads
     from fnl.export.report import write_report
     from fnl.export.verify import ap_rows
-    from fnl.qat.pt2e import PT2E_CHECKPOINT, load_pt2e_checkpoint
+    from fnl.qat.pt2e import PT2E_CHECKPOINT, PT2E_PTQ_CHECKPOINT, load_pt2e_checkpoint
 
     export_dir = Path(export_dir)
     float_checkpoint, pt2e_checkpoint, overrides = quantize_outputs(quantize_dir, PT2E_CHECKPOINT,
                                                                     "fnl-quantize --engine pt2e", data_root,
                                                                     input_size)
+    exports = {EXECUTORCH_DIR: pt2e_checkpoint}
+    if (pt2e_checkpoint.parent / PT2E_PTQ_CHECKPOINT).is_file():
+        exports[EXECUTORCH_PTQ_DIR] = pt2e_checkpoint.parent / PT2E_PTQ_CHECKPOINT
     refuse_overwrite(export_dir / "report.json", force)
+    verification: dict[str, VerificationReport] = {}
+    written: dict[str, ExecuTorchExport] = {}
     with torch_threads(threads):
         float_model, cfg = load_model_for_inference(str(float_checkpoint), None, overrides)
-        int8_model, _, mode = load_pt2e_checkpoint(pt2e_checkpoint)
-        written = to_executorch(int8_model, cfg, export_dir / EXECUTORCH_DIR, force)
-        predictor = ExecuTorchPredictor(written.directory, threads)
-        verification = verify_executorch(int8_model, predictor, split_images(cfg, cfg.DATASETS.TEST[0], verify_images))
-        torch_float, _ = measure("PyTorch float32", "pytorch", "float32", "float", float_model, cfg,
-                                 file_megabytes(float_checkpoint))
-        torch_int8, torch_int8_results = measure(f"PyTorch int8 (PT2E {mode.upper()})", "pytorch", "int8", mode,
-                                                 int8_model, cfg, None)
-        executorch, executorch_results = measure(f"ExecuTorch int8 (PT2E {mode.upper()}, XNNPACK)", "executorch",
-                                                 "int8", mode, predictor, cfg, written.size_mb)
-    verification.rows.extend(ap_rows(torch_int8_results, executorch_results, INT8))
-    rows = [torch_float, torch_int8, executorch]
+        images = split_images(cfg, cfg.DATASETS.TEST[0], verify_images)
+        rows = [measure("PyTorch float32", "pytorch", "float32", "float", float_model, cfg,
+                        file_megabytes(float_checkpoint))[0]]
+        for name, checkpoint in exports.items():
+            int8_model, _, mode = load_pt2e_checkpoint(checkpoint)
+            written[name] = to_executorch(int8_model, cfg, export_dir / name, force)
+            predictor = ExecuTorchPredictor(written[name].directory, threads)
+            verification[name] = verify_executorch(int8_model, predictor, images)
+            torch_int8, torch_int8_results = measure(f"PyTorch int8 (PT2E {mode.upper()})", "pytorch", "int8", mode,
+                                                     int8_model, cfg, None)
+            executorch, executorch_results = measure(f"ExecuTorch int8 (PT2E {mode.upper()}, XNNPACK)",
+                                                     "executorch", "int8", mode, predictor, cfg, written[name].size_mb)
+            verification[name].rows.extend(ap_rows(torch_int8_results, executorch_results, INT8))
+            rows += [torch_int8, executorch]
+    sizes = "; ".join(f"`{name}/` {export.size_mb:.2f} MB, {rows[0].size_mb / export.size_mb:.2f}x smaller than the "
+                      "float32 checkpoint" for name, export in written.items())
     notes = [
-        f"ExecuTorch: one XNNPACK program per int8 region in `{EXECUTORCH_DIR}/` "
-        f"({', '.join(p.name for p in written.files)}; "
-        f"size is their sum, {written.size_mb:.2f} MB, {torch_float.size_mb / written.size_mb:.2f}x smaller than the "
-        "float32 checkpoint); proposal decoding, NMS and RoIAlign run between them in Python on torch. XNNPACK and "
-        f"torch both run with {threads} thread(s).",
-        "Verification of the ExecuTorch export against the PyTorch PT2E int8 model:\n\n```\n"
-        + verification.table() + "\n```",
+        "ExecuTorch: one XNNPACK program per int8 region "
+        f"({', '.join(p.name for p in written[EXECUTORCH_DIR].files)}); the size is their sum ({sizes}); proposal "
+        "decoding, NMS and RoIAlign run between them in Python on torch. XNNPACK and torch both run with "
+        f"{threads} thread(s).",
+        *(f"Verification of `{name}/` against its PyTorch PT2E int8 model:\n\n```\n{report.table()}\n```"
+          for name, report in verification.items()),
     ]
-    extra = {"verification": {EXECUTORCH_DIR: verification.as_dict()},
-             "executorch": {"files": [p.name for p in written.files], "size_mb": written.size_mb}}
+    extra = {"verification": {name: report.as_dict() for name, report in verification.items()},
+             "executorch": {name: {"files": [p.name for p in export.files], "size_mb": export.size_mb}
+                            for name, export in written.items()}}
     return write_report(export_dir, rows, cfg.INPUT.MIN_SIZE_TEST, threads,
                         "fnl-export: PyTorch and ExecuTorch (XNNPACK), float32 and PT2E int8", notes, extra)

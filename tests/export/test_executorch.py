@@ -21,6 +21,8 @@ from fnl.modeling import build_model  # noqa: E402
 @dataclass
 class PT2EExport:
     cfg: CfgNode
+    float_model: torch.nn.Module
+    prepared: torch.nn.Module  # PT2E PTQ, calibrated
     int8_model: torch.nn.Module
     images: list[torch.Tensor]
     blank: torch.Tensor
@@ -53,7 +55,7 @@ def pt2e_export(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) ->
         megabytes = model_file_megabytes(float_model, directory.parent / "model_fp32.pth", cfg)
     finally:
         torch.set_num_threads(previous)
-    return PT2EExport(cfg, int8_model, images, blank, directory, megabytes)
+    return PT2EExport(cfg, float_model, prepared, int8_model, images, blank, directory, megabytes)
 
 
 def test_programs_are_small_and_refuse_overwrite(pt2e_export):
@@ -104,6 +106,39 @@ def test_report_row(pt2e_export):
     assert (row.format, row.precision, row.method) == ("executorch", "int8", "ptq")
     assert row.size_mb and row.latency_ms_p50 and row.bbox_AP is not None
     assert "densepose" in results
+
+
+@pytest.mark.slow
+def test_from_quantize_exports_every_pt2e_model_and_writes_the_report(pt2e_export, tiny_dataset, tmp_path, capsys):
+    """fnl-export --from-quantize on a fnl-quantize --engine pt2e directory: the int8 model and its PTQ baseline
+    each lowered, verified and measured beside float32 (here both files hold the same PTQ model)."""
+    import json
+
+    from fnl.cli.export import main
+    from fnl.engine.checkpoint import save_checkpoint
+    from fnl.qat.pt2e import PT2E_CHECKPOINT, PT2E_PTQ_CHECKPOINT, save_pt2e_checkpoint
+
+    quantize_dir, output = tmp_path / "quantize", tmp_path / "export"
+    save_checkpoint(quantize_dir / "model_fp32.pth", pt2e_export.float_model, pt2e_export.cfg)
+    for name in (PT2E_CHECKPOINT, PT2E_PTQ_CHECKPOINT):
+        save_pt2e_checkpoint(quantize_dir / name, pt2e_export.prepared, pt2e_export.cfg, "ptq")
+    args = ["--from-quantize", str(quantize_dir), "--format", "executorch", "--output", str(output), "--data",
+            str(tiny_dataset), "--input-size", "64", "--verify-images", "2", "--threads", "1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| ExecuTorch int8 (PT2E PTQ, XNNPACK) | executorch | int8 |" in out
+    report = json.loads((output / "report.json").read_text())
+    assert [(r["format"], r["precision"]) for r in report["rows"]] == [
+        ("pytorch", "float32"), ("pytorch", "int8"), ("executorch", "int8"), ("pytorch", "int8"),
+        ("executorch", "int8")]
+    assert set(report["verification"]) == set(report["executorch"]) == {"executorch", "executorch_ptq"}
+    assert all(result["passed"] for result in report["verification"].values())
+    for name in ("executorch", "executorch_ptq"):
+        assert report["executorch"][name]["files"] == ["backbone.pte", "rpn_head.pte", "box_head.pte",
+                                                       "densepose_head.pte"]
+        assert report["rows"][0]["size_mb"] / report["executorch"][name]["size_mb"] >= 3.5
+    # the report is not overwritten without --force
+    assert main(args) == 2 and "--force" in capsys.readouterr().err
 
 
 def test_a_directory_without_programs_is_named(tmp_path):
