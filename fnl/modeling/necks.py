@@ -28,6 +28,8 @@ class Neck(nn.Module):
         self.out_features = [f"p{_level(n)}" for n in self.in_features] + [f"p{last + 1}"]
         self.out_channels = out_channels
         self.size_divisibility = 2 ** (last + 1)
+        # detectron2's LastLevelMaxPool; a module, so the quantization patch can find it (QNNPACK refuses 1x1 pooling)
+        self.top_block = nn.MaxPool2d(kernel_size=1, stride=2)
 
 
 class FPN(Neck):
@@ -58,7 +60,7 @@ class FPN(Neck):
             else:
                 top_down = self.top_down_adds[k - 1].add(lateral, resize_nearest(top_down, lateral))
             outputs.insert(0, getattr(self, f"fpn_output{level}")(top_down))
-        outputs.append(F.max_pool2d(outputs[-1], kernel_size=1, stride=2))
+        outputs.append(self.top_block(outputs[-1]))
         return dict(zip(self.out_features, outputs, strict=True))
 
 
@@ -139,7 +141,7 @@ class BiFPN(Neck):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.bottom_up(x)
         levels = [lateral(f) for lateral, f in zip(self.laterals, features, strict=True)]
-        levels.append(F.max_pool2d(levels[-1], kernel_size=1, stride=2))
+        levels.append(self.top_block(levels[-1]))
         for layer in self.layers:
             levels = layer(levels)
         return dict(zip(self.out_features, levels, strict=True))

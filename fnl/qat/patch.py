@@ -204,14 +204,16 @@ def active_regions(model: nn.Module) -> list[QuantizedRegion]:
 
 
 def patch_for_quantization(model: nn.Module, float_modules: list[str] | tuple[str, ...] = (),
-                           inplace: bool = False, float_predictor: bool = False
+                           inplace: bool = False, float_predictor: bool = False, float_1x1_pooling: bool = False
                            ) -> tuple[nn.Module, list[FloatIslandRecord]]:
     """The quantizable model and the list of every float boundary in it (the eager engine's reading of
     ``QUANTIZED_REGIONS``).
 
     ``float_predictor`` keeps a region's last module in float when it holds transposed convs (the DensePose
     predictor): torch 2.14's quantized ConvTranspose2d computes wrong values on the x86 / onednn engines and on qnnpack
-    with padding (fnl.qat.quantize turns it on for those backends; fbgemm is correct).
+    with padding (fnl.qat.quantize turns it on for those backends; fbgemm is correct). ``float_1x1_pooling`` keeps
+    1x1 max-pools (the necks' stride-2 ``top_block``) in float: QNNPACK cannot create a 1x1 pooling operator
+    (fnl.qat.quantize turns it on for qnnpack).
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -234,6 +236,8 @@ def patch_for_quantization(model: nn.Module, float_modules: list[str] | tuple[st
             island(name, "non-local block: softmax attention has no int8 kernel")
         elif isinstance(module, _FLOAT_ONLY_ACTIVATIONS) and not _inside_island(model, name):
             island(name, f"{type(module).__name__} has no int8 kernel")
+        elif float_1x1_pooling and _is_1x1_max_pool(module) and not _inside_island(model, name):
+            island(name, "QNNPACK cannot create a 1x1 max-pool")
 
     region_names = {region.name for region in regions}
     for region in regions:
@@ -255,6 +259,10 @@ def patch_for_quantization(model: nn.Module, float_modules: list[str] | tuple[st
             replace_submodule(model, last, DequantizeOutputs(module))
             islands.append(FloatIslandRecord(last, "dequantize outputs", region.exit_reason))
     return model, islands
+
+
+def _is_1x1_max_pool(module: nn.Module) -> bool:
+    return isinstance(module, nn.MaxPool2d) and module.kernel_size in (1, (1, 1))
 
 
 def _inside_island(model: nn.Module, name: str) -> bool:

@@ -120,7 +120,8 @@ def prepare(float_model: nn.Module, cfg: CfgNode, mode: str | None = None,
     select_backend(backend)
     qat = mode == "qat"
     patched, stages.islands = patch_for_quantization(float_model, cfg.QUANTIZATION.FLOAT_MODULES,
-                                                     float_predictor=backend not in TRANSPOSED_CONV_OK)
+                                                     float_predictor=backend not in TRANSPOSED_CONV_OK,
+                                                     float_1x1_pooling=backend == "qnnpack")
     stages.hook_audits["patch"] = audit_hooks(patched)
     # QAT fuses into train-mode ConvBn modules (BN keeps learning); PTQ folds BN into the conv weights.
     patched.train(qat)

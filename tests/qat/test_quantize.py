@@ -177,3 +177,20 @@ def test_per_tensor_weights_and_biases_on_the_integer_grid(float_model, image):
     assert checked > 100
     with pytest.raises(ValueError, match="QUANTIZATION.WEIGHT_SCALES must be one of .* got 'per-row'"):
         prepare(float_model, load_config("mobile_parsing_rcnn_b", ["QUANTIZATION.WEIGHT_SCALES", "per-row"]), "ptq")
+
+
+def test_qnnpack_keeps_the_1x1_top_block_pooling_in_float(float_model, image):
+    # QNNPACK cannot create a 1x1 max-pool (the necks' stride-2 P6): on qnnpack it is a float island, the rest int8.
+    cfg = load_config("mobile_parsing_rcnn_b", [*SMALL, "QUANTIZATION.BACKEND", "qnnpack"])
+    try:
+        prepared = prepare(float_model, cfg, "ptq")
+        calibrate(prepared, [[{"image": image}]], num_images=1)
+        int8 = convert(prepared)
+        assert isinstance(int8.backbone.module.top_block, FloatIsland)
+        with torch.no_grad():
+            out = int8([{"image": image}])[0]
+    finally:
+        torch.backends.quantized.engine = "fbgemm"
+    assert set(out) == {"boxes", "scores", "classes", "densepose"} and torch.isfinite(out["scores"]).all()
+    fbgemm = prepare(float_model, load_config("mobile_parsing_rcnn_b", SMALL), "ptq")
+    assert isinstance(fbgemm.backbone.module.top_block, torch.nn.MaxPool2d)
