@@ -19,6 +19,8 @@ from torch.ao.nn.intrinsic.qat import freeze_bn_stats
 from torch.ao.quantization import (
     FakeQuantize,
     QConfig,
+    default_per_channel_weight_fake_quant,
+    default_per_channel_weight_observer,
     default_weight_fake_quant,
     default_weight_observer,
     disable_observer,
@@ -65,9 +67,9 @@ def select_backend(backend: str) -> None:
     torch.backends.quantized.engine = backend
 
 
-def qat_qconfig(backend: str) -> QConfig:
-    """torch.ao's QAT qconfig of ``backend`` with fake-quantizers that train against the scales convert quantizes
-    with: ``FakeQuantize`` over the same observers and ranges.
+def qat_qconfig(backend: str, weight_scales: str = "per-channel") -> QConfig:
+    """torch.ao's QAT qconfig of ``backend`` (weights ``weight_scales``) with fake-quantizers that train against the
+    scales convert quantizes with: ``FakeQuantize`` over the same observers and ranges.
 
     The default ``FusedMovingAvgObsFakeQuantize`` chooses its scales in a fused kernel by other formulas than the
     observer's ``calculate_qparams``, which convert reads: symmetric weight scales max(|min| / 128, |max| / 127)
@@ -75,9 +77,15 @@ def qat_qconfig(backend: str) -> QConfig:
     on the 512 px model B the fake-quant model scored box / DensePose AP 30.90 / 1.84, its conversion 30.80 / 1.91),
     and a smallest scale of 2^-14 that the observer does not have (activations of a narrow range).
     """
-    default = get_default_qat_qconfig(backend)
-    return QConfig(activation=fake_quant_as_converted(default.activation),
-                   weight=fake_quant_as_converted(default.weight))
+    weight = default_per_channel_weight_fake_quant if weight_scales == "per-channel" else default_weight_fake_quant
+    return QConfig(activation=fake_quant_as_converted(get_default_qat_qconfig(backend).activation),
+                   weight=fake_quant_as_converted(weight))
+
+
+def ptq_qconfig(backend: str, weight_scales: str = "per-channel") -> QConfig:
+    """torch.ao's PTQ qconfig of ``backend`` (its activation observer) with ``weight_scales`` weights."""
+    weight = default_per_channel_weight_observer if weight_scales == "per-channel" else default_weight_observer
+    return QConfig(activation=get_default_qconfig(backend).activation, weight=weight)
 
 
 def fake_quant_as_converted(constructor: Any) -> Any:
@@ -97,15 +105,14 @@ WEIGHT_SCALES = ("per-channel", "per-tensor")
 def assign_qconfig(model: nn.Module, backend: str, qat: bool, weight_scales: str = "per-channel") -> None:
     """Int8 weights with one scale per output channel (or per tensor), uint8 activations; transposed convs get
     per-tensor weights, which is what torch.ao's quantized ConvTranspose2d supports. Float islands already carry
-    ``qconfig = None``."""
+    ``qconfig = None``. (torch.ao's qnnpack default is per-tensor: ``weight_scales`` decides here, on every backend.)"""
     if weight_scales not in WEIGHT_SCALES:
         raise ValueError(f"QUANTIZATION.WEIGHT_SCALES must be one of {WEIGHT_SCALES}, got '{weight_scales}'")
-    qconfig = qat_qconfig(backend) if qat else get_default_qconfig(backend)
-    per_tensor = QConfig(activation=qconfig.activation,
-                         weight=default_weight_fake_quant if qat else default_weight_observer)
-    model.qconfig = qconfig if weight_scales == "per-channel" else per_tensor
+    make_qconfig = qat_qconfig if qat else ptq_qconfig
+    model.qconfig = make_qconfig(backend, weight_scales)
+    per_tensor = make_qconfig(backend, "per-tensor")
     for module in model.modules():
-        if isinstance(module, nn.ConvTranspose2d) and getattr(module, "qconfig", qconfig) is not None:
+        if isinstance(module, nn.ConvTranspose2d) and getattr(module, "qconfig", model.qconfig) is not None:
             module.qconfig = per_tensor
 
 

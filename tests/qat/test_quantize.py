@@ -187,6 +187,12 @@ def test_qnnpack_keeps_the_1x1_top_block_pooling_in_float(float_model, image):
         calibrate(prepared, [[{"image": image}]], num_images=1)
         int8 = convert(prepared)
         assert isinstance(int8.backbone.module.top_block, FloatIsland)
+        # QUANTIZATION.WEIGHT_SCALES decides on qnnpack too (torch.ao's qnnpack default is per-tensor)
+        from fnl.qat.quantize import WEIGHTED_INT8
+
+        schemes = {m.weight().qscheme() for m in int8.modules() if isinstance(m, WEIGHTED_INT8)
+                   and not isinstance(m, torch.ao.nn.quantized.ConvTranspose2d)}
+        assert schemes == {torch.per_channel_affine}
         with torch.no_grad():
             out = int8([{"image": image}])[0]
     finally:
