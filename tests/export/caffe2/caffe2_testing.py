@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from export_testing import random_image
+from export_testing import SMALL, one_intra_op_thread, random_image
 
 from fnl.export.caffe2 import Caffe2Export
 from fnl.modeling import GeneralizedRCNN
@@ -37,3 +37,18 @@ class Exported:
 
 def verification_images() -> list[torch.Tensor]:
     return [random_image(h, w, seed=k + 1) for k, (h, w) in enumerate(IMAGE_SIZES)]
+
+
+def ptq_int8_model(tiny_cfg, weight_scales: str, backend: str = "fbgemm") -> GeneralizedRCNN:
+    """fnl.qat's PTQ of a random model B (seed 0) on the tiny dataset."""
+    from fnl.data import build_train_loader
+    from fnl.modeling import build_model
+    from fnl.qat import calibrate, convert, prepare
+
+    cfg = tiny_cfg.clone()
+    cfg.merge_from_list([*SMALL, "QUANTIZATION.BACKEND", backend, "QUANTIZATION.WEIGHT_SCALES", weight_scales])
+    torch.manual_seed(0)
+    with one_intra_op_thread():
+        prepared = prepare(build_model(cfg).eval(), cfg, "ptq")
+        calibrate(prepared, iter(build_train_loader(cfg)), cfg.QUANTIZATION.CALIBRATION_IMAGES)
+        return convert(prepared)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from caffe2_testing import Exported
-from export_testing import SMALL, one_intra_op_thread, tiny_model
+from caffe2_testing import Exported, ptq_int8_model
+from export_testing import one_intra_op_thread, tiny_model
 
 from fnl.export.caffe2 import to_caffe2
 from fnl.modeling import GeneralizedRCNN
@@ -18,30 +17,16 @@ def caffe2_float(tmp_path_factory: pytest.TempPathFactory) -> Exported:
         return Exported(model, to_caffe2(model, tmp_path_factory.mktemp("caffe2_fp32")))
 
 
-def _int8_model(tiny_cfg, weight_scales: str) -> GeneralizedRCNN:
-    from fnl.data import build_train_loader
-    from fnl.modeling import build_model
-    from fnl.qat import calibrate, convert, prepare
-
-    cfg = tiny_cfg.clone()
-    cfg.merge_from_list([*SMALL, "QUANTIZATION.BACKEND", "fbgemm", "QUANTIZATION.WEIGHT_SCALES", weight_scales])
-    torch.manual_seed(0)
-    with one_intra_op_thread():
-        prepared = prepare(build_model(cfg).eval(), cfg, "ptq")
-        calibrate(prepared, iter(build_train_loader(cfg)), cfg.QUANTIZATION.CALIBRATION_IMAGES)
-        return convert(prepared)
-
-
 @pytest.fixture(scope="session")
 def int8_model(tiny_cfg) -> GeneralizedRCNN:
     """fnl.qat's PTQ (fbgemm, per-channel weights) of a random model B on the tiny dataset."""
-    return _int8_model(tiny_cfg, "per-channel")
+    return ptq_int8_model(tiny_cfg, "per-channel")
 
 
 @pytest.fixture(scope="session")
 def int8_model_per_tensor_weights(tiny_cfg) -> GeneralizedRCNN:
     """The same PTQ with one weight scale per layer (QUANTIZATION.WEIGHT_SCALES per-tensor), as stock Caffe2 runs."""
-    return _int8_model(tiny_cfg, "per-tensor")
+    return ptq_int8_model(tiny_cfg, "per-tensor")
 
 
 @pytest.fixture(scope="session")

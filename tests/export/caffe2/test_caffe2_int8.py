@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from caffe2_testing import QUANTIZATION_WARNINGS, verification_images
+import torch
+from caffe2_testing import QUANTIZATION_WARNINGS, ptq_int8_model, verification_images
 from export_testing import one_intra_op_thread
 
 from fnl.export.caffe2 import Caffe2Predictor, NetExecutor, caffe2_report_row, to_caffe2, verify_caffe2
@@ -92,6 +93,22 @@ def test_a_model_quantized_with_per_tensor_weights_exports_to_stock_caffe2_exact
     assert export.weight_requantization == [] or all(r.max_abs_error == 0 for r in export.weight_requantization)
     assert result.stages_passed, result.table()
     assert all(row.compared > 0 and row.max_abs_diff <= 2 * row.tolerance for row in result.stages)
+
+
+def test_on_qnnpack_the_box_head_computes_what_the_caffe2_net_computes_bit_for_bit(tiny_cfg, tmp_path):
+    # PyTorch's qnnpack backend runs QNNPACK's kernels, the ones Caffe2 mobile's Int8 operators called: with
+    # per-tensor weights and biases on the int32 grid, the reference executor reproduces them exactly (the DensePose
+    # predictor stays float on qnnpack, see fnl.qat.quantize.TRANSPOSED_CONV_OK).
+    try:
+        model = ptq_int8_model(tiny_cfg, "per-tensor", backend="qnnpack")
+        with one_intra_op_thread():
+            to_caffe2(model, tmp_path)
+            result = verify_caffe2(model, tmp_path, verification_images())
+    finally:
+        torch.backends.quantized.engine = "fbgemm"
+    steps = {row.output: row.max_abs_diff / row.tolerance for row in result.stages if row.tolerance}
+    assert set(steps) == {"cls_logits", "bbox_deltas"} and all(row.compared > 0 for row in result.stages)
+    assert steps == {"cls_logits": 0.0, "bbox_deltas": 0.0}, result.table()
 
 
 def test_report_row_scores_the_files_and_leaves_latency_empty(caffe2_int8, tiny_cfg):
