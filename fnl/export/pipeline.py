@@ -90,15 +90,17 @@ def export_and_report(quantize_dir: str | Path, export_dir: str | Path, data_roo
         onnx_int8, onnx_int8_results = onnx_row(f"ONNX int8 ({mode.upper()})", "int8", mode, int8_onnx)
         ort_ptq, _ = onnx_row(ORT_PTQ_ROW, "int8", "ort-static-ptq", ort_ptq_onnx)
         rows = [torch_float, torch_int8, onnx_float, onnx_int8, ort_ptq]
+        requantized = False
         if caffe2:
-            rows.append(_caffe2_int8_row(int8_model, export_dir / CAFFE2_INT8_DIR, cfg, mode))
+            caffe2_row, requantized = _caffe2_int8_row(int8_model, export_dir / CAFFE2_INT8_DIR, cfg, mode)
+            rows.append(caffe2_row)
     verification[FLOAT_ONNX].rows.extend(ap_rows(torch_float_results, onnx_float_results, FLOAT32))
     verification[INT8_ONNX].rows.extend(ap_rows(torch_int8_results, onnx_int8_results, INT8))
     for name, report in verification.items():
         log = logger.info if report.passed else logger.warning
         log("verification of %s against PyTorch:\n%s", name, report.table())
 
-    notes = _notes(rows, verification, cfg, threads, len(calibration))
+    notes = _notes(rows, verification, cfg, threads, len(calibration), requantized)
     extra = {"verification": {name: report.as_dict() for name, report in verification.items()},
              "onnx": {"opset": opset, "files": {FLOAT_ONNX: onnx_float.name, INT8_ONNX: onnx_int8.name,
                                                 ORT_PTQ_ONNX: ort_ptq.name}}}
@@ -122,12 +124,14 @@ def quantize_outputs(quantize_dir: str | Path, int8_name: str, command: str, dat
     return float_checkpoint, int8_checkpoint, overrides
 
 
-def _caffe2_int8_row(int8_model: torch.nn.Module, directory: Path, cfg: CfgNode, mode: str) -> ReportRow:
+def _caffe2_int8_row(int8_model: torch.nn.Module, directory: Path, cfg: CfgNode, mode: str
+                     ) -> tuple[ReportRow, bool]:
+    """The stock (per-tensor) Caffe2 export's row, and whether its weights had to be requantized for it."""
     from fnl.export.caffe2 import caffe2_report_row, to_caffe2
 
-    to_caffe2(int8_model, directory)
+    export = to_caffe2(int8_model, directory)
     row, _ = caffe2_report_row(f"Caffe2 int8 ({mode.upper()})", directory, cfg, "int8", mode)
-    return row
+    return row, any(r.max_abs_error > 0 for r in export.weight_requantization)
 
 
 def verification_passed(document: dict[str, Any]) -> bool:
@@ -168,7 +172,7 @@ def _ratio(numerator: float | None, denominator: float | None) -> str:
 
 
 def _notes(rows: list[ReportRow], verification: dict[str, VerificationReport], cfg: CfgNode, threads: int,
-           calibration_images: int) -> list[str]:
+           calibration_images: int, caffe2_requantized: bool = False) -> list[str]:
     onnx_float = next(row for row in rows if row.format == "onnx" and row.precision == "float32")
     against_onnx = ", ".join(
         f"`{row.name}` {_ratio(onnx_float.size_mb, row.size_mb)} smaller, "
@@ -194,8 +198,11 @@ def _notes(rows: list[ReportRow], verification: dict[str, VerificationReport], c
         "the first test images, AP on the test split; also in report.json under `verification`):\n\n" + tables,
         scale,
         *([f"`Caffe2 int8`: `{CAFFE2_INT8_DIR}/` model.pb + model_init.pb, QNNPACK-style int8 ops with stock "
-           "Caffe2's per-tensor weight scales (fbgemm's per-channel weights requantized to one scale per tensor), "
-           "scored by executing the nets with fnl's reference executor; no latency: the executor is a checker, "
+           "Caffe2's per-tensor weight scales"
+           + (" (the model's per-channel weights requantized to one scale per tensor: for a Caffe2 target, quantize "
+              "with `QUANTIZATION.WEIGHT_SCALES per-tensor` so that QAT trains the weights Caffe2 runs)"
+              if caffe2_requantized else "")
+           + ", scored by executing the nets with fnl's reference executor; no latency: the executor is a checker, "
            "not a device runtime."] if any(row.format == "caffe2" for row in rows) else []),
     ]
 

@@ -139,6 +139,8 @@ def test_from_quantize_exports_both_models_and_writes_the_report(quantize_dir, t
     ptq_ops = op_types(onnx.load(str(tmp_path / "model_ort_ptq.onnx")).graph)
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ptq_ops
     assert "| ONNX int8 (ORT static PTQ) | onnx | int8 |" in out and "PASSED (int8 criteria" in out
+    # the per-channel model's Caffe2 row says its weights were requantized and how to quantize for Caffe2 instead
+    assert "quantize with `QUANTIZATION.WEIGHT_SCALES per-tensor`" in (tmp_path / "report.md").read_text()
 
 
 def test_from_quantize_needs_a_quantize_directory_and_force_to_overwrite(quantize_dir, tmp_path, capsys):
