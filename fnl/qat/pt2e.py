@@ -31,7 +31,7 @@ from torch import nn
 from fnl.config import CfgNode
 from fnl.hooks import audit_hooks
 from fnl.qat.patch import FloatIslandRecord, QuantizedRegion, active_regions, replace_submodule
-from fnl.qat.quantize import MODES, WEIGHT_SCALES, QuantizationStages
+from fnl.qat.quantize import MODES, QuantizationStages, check_weight_scales
 from fnl.qat.regions import RegionCapture, RegionModules, region_captures, run_per_level
 
 ENGINE = "pt2e"
@@ -62,8 +62,7 @@ def xnnpack_quantizer(qat: bool, weight_scales: str = "per-channel") -> Any:
         get_symmetric_quantization_config,
     )
 
-    if weight_scales not in WEIGHT_SCALES:
-        raise ValueError(f"QUANTIZATION.WEIGHT_SCALES must be one of {WEIGHT_SCALES}, got '{weight_scales}'")
+    check_weight_scales(weight_scales)
     config = get_symmetric_quantization_config(is_per_channel=weight_scales == "per-channel", is_qat=qat)
     if qat:
         config = fake_quants_as_converted(config)

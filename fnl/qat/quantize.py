@@ -102,12 +102,17 @@ def fake_quant_as_converted(constructor: Any) -> Any:
 WEIGHT_SCALES = ("per-channel", "per-tensor")
 
 
+def check_weight_scales(weight_scales: str) -> None:
+    """QUANTIZATION.WEIGHT_SCALES, as both engines read it."""
+    if weight_scales not in WEIGHT_SCALES:
+        raise ValueError(f"QUANTIZATION.WEIGHT_SCALES must be one of {WEIGHT_SCALES}, got '{weight_scales}'")
+
+
 def assign_qconfig(model: nn.Module, backend: str, qat: bool, weight_scales: str = "per-channel") -> None:
     """Int8 weights with one scale per output channel (or per tensor), uint8 activations; transposed convs get
     per-tensor weights, which is what torch.ao's quantized ConvTranspose2d supports. Float islands already carry
     ``qconfig = None``. (torch.ao's qnnpack default is per-tensor: ``weight_scales`` decides here, on every backend.)"""
-    if weight_scales not in WEIGHT_SCALES:
-        raise ValueError(f"QUANTIZATION.WEIGHT_SCALES must be one of {WEIGHT_SCALES}, got '{weight_scales}'")
+    check_weight_scales(weight_scales)
     make_qconfig = qat_qconfig if qat else ptq_qconfig
     model.qconfig = make_qconfig(backend, weight_scales)
     per_tensor = make_qconfig(backend, "per-tensor")
