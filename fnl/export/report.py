@@ -51,17 +51,41 @@ def file_megabytes(path: str | Path) -> float:
     return round(Path(path).stat().st_size / 1e6, 3)
 
 
-def machine_info() -> dict[str, Any]:
+CPUINFO = Path("/proc/cpuinfo")
+# The CPU features that decide which int8 kernels fbgemm / oneDNN, ONNX Runtime (MLAS) and XNNPACK run: int8 figures
+# (speed, and which detections sit on a rounding tie) from machines with the same CPU name but other flags (a VM
+# that hides AVX-512 or AMX) are not comparable, so reports record them beside the name.
+KERNEL_ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_isa_flags(cpuinfo: str) -> list[str] | None:
+    """Which of ``KERNEL_ISA_FLAGS`` the ``flags`` line of ``cpuinfo`` (the text of Linux's /proc/cpuinfo) lists, in
+    that order; None when it has no ``flags`` line (not an x86 CPU): unknown, which an empty list would misstate."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            present = set(value.split())
+            return [flag for flag in KERNEL_ISA_FLAGS if flag in present]
+    return None
+
+
+def machine_info(cpuinfo: str | Path = CPUINFO) -> dict[str, Any]:
+    """The machine a report was measured on: platform, CPU name and count, Python, and ``isa_flags`` (``cpu_isa_flags``
+    of ``cpuinfo``; None where that file cannot be read, as on macOS and Windows)."""
     cpu = platform.processor() or ""
+    isa_flags = None
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        text = None
+    if text is not None:
+        for line in text.splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    except OSError:
-        pass
+        isa_flags = cpu_isa_flags(text)
     return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "python": platform.python_version()}
+            "python": platform.python_version(), "isa_flags": isa_flags}
 
 
 def versions() -> dict[str, str]:
