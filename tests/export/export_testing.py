@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import onnx
 import torch
 import torchvision
 
 from fnl.config import CfgNode, load_config
+from fnl.export.onnx import ExportableRCNN, eval_mode
+from fnl.export.verify import INT8, match_detections
 from fnl.modeling import GeneralizedRCNN, build_model
 
 # test_tiny is model B (spnasnet_100 + BiFPN 64) at 128 px; 5 detections keep the DensePose head cheap.
@@ -63,14 +66,18 @@ def one_intra_op_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-# A detector whose detections are decisive, so that two int8 runtimes can be compared detection by detection.
+# A detector with decisive detections, so that two int8 runtimes can be compared detection by detection.
 # With random weights every score is 0.5 +- 1e-4, a few int8 steps apart: an int8 model then ranks candidates by
 # rounding, and PyTorch and ONNX Runtime (whose convs round the bias to int32, as every int8 runtime does; fbgemm adds
 # it in float) keep different ones. Here every anchor is a proposal (no top-k, no NMS in the RPN: RPN ties cannot
 # matter), boxes are the anchors themselves (zero deltas), and the box classifier is fitted (ridge regression on the
 # model's own RoI features) to score 10 * IoU - 5 against a few anchor-aligned "objects": one anchor per object
-# scores far above the rest, the others it overlaps are suppressed, and nothing else passes the 0.5 threshold. An
-# image given without objects (a blank one) is fitted to give no detection at all.
+# scores far above the rest, and an image given without objects (a blank one) is fitted to score far below.
+# Only those are decisive: the fit gives anchors that overlap an object at IoU ~0.5 a logit near 0, a score near the
+# 0.5 threshold (int8 fbgemm on these images: 0.52 to 0.60, 2 to 10 steps of the classifier's int8 output above it),
+# and NMS at 0.5 keeps those of IoU < 0.5. Which of them pass differs between int8 kernels, and between CPUs for one
+# runtime (XNNPACK gave 2 and PyTorch 3 detections on an image on an AMX Xeon, both 2 on an AMD EPYC): compare
+# detections with the verification's criteria and ``unpaired_decisive_detections``, never their number.
 # Square anchors only: a third of the RoIs (every anchor is one) at no loss, the objects being square. One BiFPN
 # layer instead of three: a third of the graph for the exporter and ONNX Runtime's quantizer to walk.
 DECISIVE = ["INPUT.MIN_SIZE_TEST", "64", "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", "[[1.0]]",
@@ -80,6 +87,9 @@ DECISIVE = ["INPUT.MIN_SIZE_TEST", "64", "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS",
 # Per image, anchors of the 64x64 input (P2: 32 px at stride 4; P3: 64 px at stride 8), then none on a blank image.
 DECISIVE_OBJECTS = ([[8.0, 16.0, 40.0, 48.0], [0.0, 0.0, 64.0, 64.0]], [[20.0, 24.0, 52.0, 56.0]], [])
 RIDGE = 1e-5  # relative to the features' mean square: smaller fits noise near the threshold, larger blurs the peaks
+# The fitted objects score sigmoid(~4.7) ~ 0.99. A score of 0.9 is a logit of 2.2, some 55 steps of the box
+# classifier's int8 output (~0.04) above the threshold's 0: no int8 kernel's rounding moves a detection across it.
+DECISIVE_SCORE = 0.9
 
 
 @torch.no_grad()
@@ -112,3 +122,30 @@ def fit_decisive_detector(model: GeneralizedRCNN, images: list[torch.Tensor],
     classifier.weight[0] = solution[:-1].float()
     classifier.bias[0] = solution[-1].float()
     return model
+
+
+def unpaired_decisive_detections(model: GeneralizedRCNN, run_image: Callable[[np.ndarray], dict[str, np.ndarray]],
+                                 images: list[torch.Tensor], min_score: float = DECISIVE_SCORE
+                                 ) -> tuple[int, list[str]]:
+    """How many detections the PyTorch ``model`` scores at least ``min_score`` on ``images``, and each detection of
+    either side (the model, or an export's ``run_image``) scoring that much that pairs with no detection of the other
+    side (same class, IoU >= 0.9: fnl.export.verify's INT8 pairing), described for the assertion message.
+
+    What two int8 runtimes must agree on whatever their rounding: the detections far from the threshold (and from
+    each other, as the fitted objects are) exist on both sides."""
+    wrapper = ExportableRCNN(model)
+    decisive, unpaired = 0, []
+    for k, image in enumerate(images):
+        with eval_mode(model), torch.no_grad():
+            outputs = wrapper(image[None])
+        reference = {name: t.numpy() for name, t in zip(wrapper.output_names, outputs, strict=True)}
+        test = run_image(image.numpy())
+        decisive += int((reference["scores"] >= min_score).sum())
+        for side, ours, theirs in (("PyTorch", reference, test), ("export", test, reference)):
+            keep = np.flatnonzero(ours["scores"] >= min_score)
+            pairs = match_detections(ours["boxes"][keep], ours["classes"][keep], theirs["boxes"], theirs["classes"],
+                                     INT8)
+            paired = {i for i, _ in pairs}
+            unpaired += [f"image {k}: {side} box {ours['boxes'][j].tolist()} (score {ours['scores'][j]:.3f}) has "
+                         f"no pair among {theirs['boxes'].tolist()}" for i, j in enumerate(keep) if i not in paired]
+    return decisive, unpaired

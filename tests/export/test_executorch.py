@@ -5,14 +5,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from torch.utils import _pytree as pytree
 
 pytest.importorskip("executorch")
 pytest.importorskip("torchao")
 
-from export_testing import DECISIVE, blank_image, fit_decisive_detector  # noqa: E402
+from export_testing import (  # noqa: E402
+    DECISIVE,
+    blank_image,
+    fit_decisive_detector,
+    unpaired_decisive_detections,
+)
 
 from fnl.config import CfgNode, load_config  # noqa: E402
 from fnl.modeling import build_model  # noqa: E402
@@ -72,31 +80,124 @@ def test_programs_are_small_and_refuse_overwrite(pt2e_export):
 
 
 def test_executorch_matches_the_pytorch_pt2e_model(pt2e_export):
+    """End to end, by fnl.export.verify's INT8 criteria. XNNPACK's int8 kernels and PyTorch's reference int8 ops
+    round ties differently (and the backbone program zero-pads the image to its fixed size), so near-threshold
+    detections come and go between them, differently on each CPU: how many detections an image gets is not compared
+    (XNNPACK 2, PyTorch 3 on an AMX Xeon; 2 and 2 on an AMD EPYC). The kernels themselves are compared in
+    quantization steps by test_every_int8_head_computes_what_pytorch_computes_within_a_step."""
     from fnl.export.executorch import ExecuTorchPredictor, verify_executorch
 
     predictor = ExecuTorchPredictor(pt2e_export.directory, threads=1)
     report = verify_executorch(pt2e_export.int8_model, predictor, pt2e_export.images)
     assert report.rows[0].compared > 0, report.table()
     assert report.passed, report.table()
-    # Same output structure as the PyTorch model, boxes scaled to the original size.
-    image = pt2e_export.images[0]
+    # The fitted objects, far from the threshold, are found by both.
+    decisive, unpaired = unpaired_decisive_detections(pt2e_export.int8_model, predictor.run_image, pt2e_export.images)
+    assert decisive >= 3 and unpaired == [], unpaired
+    # Same output structure as the PyTorch model, whatever number of detections each side has.
+    inputs = [{"image": pt2e_export.images[0], "height": 128, "width": 128}]
     with torch.no_grad():
-        expected = pt2e_export.int8_model([{"image": image, "height": 128, "width": 128}])[0]
-    output = predictor([{"image": image, "height": 128, "width": 128}])[0]
+        expected = pt2e_export.int8_model(inputs)[0]
+    output = predictor(inputs)[0]
     assert set(output) == set(expected) and set(output["densepose"]) == set(expected["densepose"])
-    assert output["boxes"].shape == tuple(expected["boxes"].shape)
-    def by_position(boxes):  # near-tied scores may order the same detections differently
-        boxes = torch.as_tensor(boxes)
-        return boxes[torch.argsort(boxes[:, 0] * 1000 + boxes[:, 1])]
+    count = len(output["boxes"])
+    assert output["boxes"].shape == (count, 4) and output["scores"].shape == output["classes"].shape == (count,)
+    for name, value in expected["densepose"].items():
+        assert output["densepose"][name].shape == (count, *value.shape[1:]), name
+    # Boxes come back in the original size: the program's own detections on the 64 px input, doubled (one runtime
+    # on one input both times, the same kernels: exactly).
+    graph = predictor.run_image(pt2e_export.images[0].numpy())
+    np.testing.assert_array_equal(output["boxes"], graph["boxes"] * 2)
+    np.testing.assert_array_equal(output["scores"], graph["scores"])
 
-    torch.testing.assert_close(by_position(output["boxes"]), by_position(expected["boxes"]), atol=0.5, rtol=0)
+
+def _region_output_steps(region: torch.nn.Module) -> list[float]:
+    """The quantization step of each output of a converted PT2E region, in its output order: the scale of the
+    dequantize that produces it."""
+    dequantize = torch.ops.quantized_decomposed.dequantize_per_tensor.default
+    (output,) = [node for node in region.program.graph.nodes if node.op == "output"]
+    nodes = pytree.tree_leaves(output.args)
+    assert all(node.target == dequantize for node in nodes), f"region {region.region} has a float output"
+    return [float(node.args[1]) for node in nodes]
+
+
+def _differences_in_steps(region: torch.nn.Module, reference: Any, test: Any) -> torch.Tensor:
+    """|reference - test| of a region's outputs, each in quantization steps of that output, all in one tensor. A
+    per-level region (the RPN head) returns, per output, a list of levels."""
+    def items(outputs: Any) -> list[Any]:
+        return list(outputs.values()) if isinstance(outputs, dict) else list(outputs)
+
+    differences = []
+    for step, expected, actual in zip(_region_output_steps(region), items(reference), items(test), strict=True):
+        for e, a in zip(pytree.tree_leaves(expected), pytree.tree_leaves(actual), strict=True):
+            assert a.shape == e.shape, (region.region, a.shape, e.shape)
+            differences.append(((a - e).abs() / step).flatten())
+    return torch.cat(differences)
+
+
+def test_every_int8_head_computes_what_pytorch_computes_within_a_step(pt2e_export):
+    """Each head's .pte program against its PyTorch PT2E region on the inputs PyTorch's regions received on the
+    verification images. XNNPACK requantizes an exact int32 sum (bias on the int32 grid) in fp32, PyTorch's reference
+    ops quantize a float32 convolution of the dequantized tensors: a value on a rounding tie lands one step apart,
+    and a tie can move a later layer's value by another step. So: within two steps, and at most the share of values
+    beyond one step that fnl.export.caffe2.verify allows its int8 stages (measured on an AMD EPYC: the RPN and box
+    heads equal, the DensePose head within one step).
+
+    Not so the backbone, dozens of int8 layers deep: one tie early on moves everything after it (on a 64 x 96
+    input, every value within one step for one random image, up to 18 steps for another), as a one-gray-level change
+    of the image does; hence the pairing floor of the end-to-end criteria. Of the backbone, what both must agree on
+    is checked: its outputs and their shapes on an image of the program's own size (nothing padded)."""
+    from fnl.export.caffe2.verify import INT8_STAGE_FAILURE_FRACTION
+    from fnl.export.executorch import ExecuTorchPredictor, ExecuTorchRegion
+    from fnl.qat.pt2e import exported_regions
+
+    model = pt2e_export.int8_model
+    regions = {region.region: region for region in exported_regions(model)}
+    predictor = ExecuTorchPredictor(pt2e_export.directory, threads=1)
+    programs = {m.region: m for m in predictor.model.modules() if isinstance(m, ExecuTorchRegion)}
+    assert set(programs) == set(regions) == {"backbone", "rpn_head", "box_head", "densepose_head"}
+
+    inputs: dict[str, list[Any]] = {name: [] for name in ("rpn_head", "box_head", "densepose_head")}
+    hooks = [regions[name].register_forward_pre_hook(lambda _, args, name=name: inputs[name].append(args[0]))
+             for name in inputs]
+    try:
+        with torch.no_grad():
+            for image in pt2e_export.images:  # one at a time: the programs take one image, as the predictor runs
+                model([{"image": image}])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert all(len(x) for x in inputs["densepose_head"])  # PyTorch's detections of the fitted objects
+    for name, batches in inputs.items():
+        with torch.no_grad():
+            steps = torch.cat([_differences_in_steps(regions[name], regions[name](x), programs[name](x))
+                               for x in batches])
+        beyond_one = int((steps > 1.0001).sum())
+        assert steps.numel() > 0 and float(steps.max()) <= 2.0001, (name, float(steps.max()))
+        assert beyond_one <= INT8_STAGE_FAILURE_FRACTION * steps.numel(), (name, beyond_one, steps.numel())
+
+    height, width = programs["backbone"].image_size
+    first, second = pt2e_export.images[:2]
+    image = torch.cat([first, second], dim=-1)[..., :height, :width]  # of the dataset's pixels
+    features = model.preprocess_image([{"image": image}])[0]
+    assert tuple(features.shape[-2:]) == (height, width)
+    with torch.no_grad():
+        expected, actual = regions["backbone"](features), programs["backbone"](features)
+    assert {name: tuple(value.shape) for name, value in actual.items()} == {
+        name: tuple(value.shape) for name, value in expected.items()}
 
 
 def test_an_image_without_detections_gives_empty_outputs(pt2e_export):
     from fnl.export.executorch import ExecuTorchPredictor
 
-    output = ExecuTorchPredictor(pt2e_export.directory, threads=1)([{"image": pt2e_export.blank}])[0]
-    assert output["boxes"].shape == (0, 4) and output["densepose"]["u"].shape[0] == 0
+    predictor = ExecuTorchPredictor(pt2e_export.directory, threads=1)
+    # A score threshold no sigmoid exceeds: the image has no detection whatever XNNPACK's kernels score on this CPU
+    # (the blank image alone is fitted to score far below 0.5, which would still leave that to its scores).
+    predictor.model.roi_heads.score_thresh = 1.0
+    output = predictor([{"image": pt2e_export.blank}])[0]
+    assert output["boxes"].shape == (0, 4) and output["scores"].shape == output["classes"].shape == (0,)
+    assert {name: value.shape for name, value in output["densepose"].items()} == {
+        "coarse_segm": (0, 2, 64, 64), "fine_segm": (0, 25, 64, 64), "u": (0, 25, 64, 64), "v": (0, 25, 64, 64)}
 
 
 def test_report_row(pt2e_export):
