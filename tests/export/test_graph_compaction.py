@@ -13,8 +13,13 @@ from fnl.export.runtime import INPUT_NAME
 
 
 def _run(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Outputs of ONNX Runtime running the graph's own nodes. Without graph optimizations, a compacted graph and the
+    exporter's run the same kernels node for node, so their outputs must be equal bit for bit on any CPU; with them,
+    ONNX Runtime decides per graph whether a QDQ pair becomes an int8 kernel (the identity casts that compaction drops
+    can stop that fusion), and an int8 kernel rounds otherwise than a float one."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"]).run(None, feeds)
 

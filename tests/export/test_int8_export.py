@@ -10,7 +10,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from export_testing import EMPTY_OUTPUT_SHAPES, EXPORT_SIZE, OUTPUTS, op_types, random_image, tiny_model
+from export_testing import (
+    EMPTY_OUTPUT_SHAPES,
+    EXPORT_SIZE,
+    OUTPUTS,
+    SMALL,
+    op_types,
+    random_image,
+    tiny_model,
+    unpaired_decisive_detections,
+)
 from torch import nn
 from torch.ao import quantization as tq
 from torch.ao.nn.quantized import FloatFunctional
@@ -88,7 +97,8 @@ def test_quantized_op_kinds_export_as_qdq_and_agree_with_onnx_runtime(tmp_path, 
         with torch.no_grad():
             expected = toy(x).numpy()
         (actual,) = session.run(None, {"x": x.numpy()})
-        # Requantization rounds differently in the two runtimes: a few quanta, no more.
+        # fbgemm (pinned) and ONNX Runtime's MLAS are different int8 kernels: requantization ties round differently
+        # and propagate through the toy's five int8 layers, a few quanta, no more (2 measured on an AMD EPYC).
         assert actual.shape == expected.shape
         assert np.abs(actual - expected).max() <= 3 * quantum
 
@@ -112,7 +122,10 @@ def test_an_int8_part_of_the_model_exports_through_to_onnx_and_passes_int8_verif
     assert {p.key: p.value for p in proto.metadata_props}["precision"] == "int8"
     report = verify_onnx(model, path, [random_image(*EXPORT_SIZE, seed=3)], INT8)
     assert report.passed, report.table()
-    assert report.rows[0].compared == 5
+    # DETECTIONS_PER_IMAGE (5), a cap rather than a count: with random weights every score is 0.5 +- 1e-4, ten times
+    # the 0.05 threshold, so both runtimes fill it whatever they round; which candidates fill it, ties of rounding,
+    # is left to the criteria's pairing floor.
+    assert report.rows[0].compared == int(SMALL[1])
 
 
 class ScaledByConstant(nn.Module):
@@ -164,8 +177,12 @@ def test_an_int8_model_from_fnl_qat_exports_as_qdq_and_meets_the_int8_criteria(i
     assert {p.key: p.value for p in proto.metadata_props}["precision"] == "int8"
     report = verify_onnx(int8_export.int8_model, int8_export.path, int8_export.images, INT8, threads=1)
     assert report.passed, report.table()
-    # Decisive detections (at least the three fitted objects), found by both runtimes.
-    assert report.rows[0].compared >= 3, report.table()
+    # fbgemm and ONNX Runtime's MLAS are different int8 kernels: detections near the threshold may differ in number
+    # (by CPU), the three fitted objects, far above it, are found by both.
+    decisive, unpaired = unpaired_decisive_detections(int8_export.int8_model,
+                                                      OnnxPredictor(int8_export.path, threads=1).run_image,
+                                                      int8_export.images)
+    assert decisive >= 3 and unpaired == [], unpaired
 
 
 def test_export_lends_the_feature_taps_to_wrappers_and_gives_them_back(int8_export):
@@ -181,14 +198,22 @@ def test_export_lends_the_feature_taps_to_wrappers_and_gives_them_back(int8_expo
     assert audit_hooks(model) == hooks and dict(model.named_modules()) == modules
 
 
-def test_an_int8_model_without_detections_gives_empty_well_formed_outputs(int8_export):
-    image = int8_export.blank  # the detector was fitted to find nothing on it
-    session = ort.InferenceSession(str(int8_export.path), providers=["CPUExecutionProvider"])
+def test_an_int8_model_without_detections_gives_empty_well_formed_outputs(int8_export, tmp_path):
+    # Exported with a score threshold no sigmoid exceeds, so the image has no detection in either runtime whatever
+    # their int8 kernels score (the blank image is fitted to score far below 0.5, which would still leave it to them).
+    image, model = int8_export.blank, int8_export.int8_model
+    threshold = model.roi_heads.score_thresh
+    model.roi_heads.score_thresh = 1.0
+    try:
+        path = to_onnx(model, tmp_path / "model_int8.onnx", int8_export.images[0])
+        with torch.no_grad():
+            (reference,) = model([{"image": image}])
+    finally:
+        model.roi_heads.score_thresh = threshold
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     outputs = dict(zip(OUTPUTS, session.run(None, {"image": image[None].numpy()}), strict=True))
     assert {name: value.shape for name, value in outputs.items()} == EMPTY_OUTPUT_SHAPES
     assert outputs["classes"].dtype.name == "int64" and outputs["boxes"].dtype.name == "float32"
-    (result,) = OnnxPredictor(int8_export.path, threads=1)([{"image": image.numpy(), "height": 128, "width": 160}])
+    (result,) = OnnxPredictor(path, threads=1)([{"image": image.numpy(), "height": 128, "width": 160}])
     assert result["boxes"].shape == (0, 4) and result["densepose"]["u"].shape == (0, 25, 64, 64)
-    with torch.no_grad():
-        (reference,) = int8_export.int8_model([{"image": image}])
-    assert reference["boxes"].shape == (0, 4)
+    assert reference["boxes"].shape == (0, 4) and reference["densepose"]["u"].shape == (0, 25, 64, 64)
