@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from caffe2_testing import QUANTIZATION_WARNINGS, ptq_int8_model, verification_images
-from export_testing import one_intra_op_thread
+from export_testing import one_intra_op_thread, unpaired_decisive_detections
 
 from fnl.export.caffe2 import Caffe2Predictor, NetExecutor, caffe2_report_row, to_caffe2, verify_caffe2
 from fnl.export.caffe2.executor import Caffe2ExecutionError
@@ -96,16 +96,22 @@ def test_a_model_quantized_with_per_tensor_weights_exports_to_stock_caffe2_exact
 
 
 def test_on_qnnpack_the_box_head_computes_what_the_caffe2_net_computes_bit_for_bit(tiny_cfg, tmp_path):
-    # PyTorch's qnnpack backend runs QNNPACK's kernels, the ones Caffe2 mobile's Int8 operators called: with
-    # per-tensor weights and biases on the int32 grid, the reference executor reproduces them exactly (the DensePose
-    # predictor stays float on qnnpack, see fnl.qat.quantize.TRANSPOSED_CONV_OK).
+    # The one exact comparison of two int8 implementations, as both do the same integer arithmetic: the engine is
+    # pinned to qnnpack, which runs QNNPACK's kernels, the ones Caffe2 mobile's Int8 operators called (on x86 the same
+    # SSE2 code whatever AVX-512 / AMX the CPU has), and the reference executor computes what they compute: with
+    # per-tensor weights and biases on the int32 grid, exactly, on the same pooled RoI features (the DensePose
+    # predictor stays float on qnnpack, see fnl.qat.quantize.TRANSPOSED_CONV_OK). Nothing end to end is exact.
+    if "qnnpack" not in torch.backends.quantized.supported_engines:
+        pytest.skip("this PyTorch build has no qnnpack engine")
+    previous = torch.backends.quantized.engine
     try:
         model = ptq_int8_model(tiny_cfg, "per-tensor", backend="qnnpack")
+        assert torch.backends.quantized.engine == "qnnpack"
         with one_intra_op_thread():
             to_caffe2(model, tmp_path)
             result = verify_caffe2(model, tmp_path, verification_images())
     finally:
-        torch.backends.quantized.engine = "fbgemm"
+        torch.backends.quantized.engine = previous
     steps = {row.output: row.max_abs_diff / row.tolerance for row in result.stages if row.tolerance}
     assert set(steps) == {"cls_logits", "bbox_deltas"} and all(row.compared > 0 for row in result.stages)
     assert steps == {"cls_logits": 0.0, "bbox_deltas": 0.0}, result.table()
@@ -120,13 +126,25 @@ def test_report_row_scores_the_files_and_leaves_latency_empty(caffe2_int8, tiny_
 
 
 def test_decisive_int8_model_detects_what_the_pytorch_int8_model_detects(int8_export, tmp_path):
-    # tests/export's int8 model B with a fitted, decisive box classifier: detections are no longer decided by ties.
+    # tests/export's int8 model B with a fitted box classifier (export_testing.fit_decisive_detector). fbgemm and the
+    # reference executor (QNNPACK's arithmetic) are different int8 kernels: candidates near the threshold may pass in
+    # one only, and differently on another CPU, so the number of detections is not compared. What holds: the
+    # verification's criteria, the heads within two steps on the same RoI features, the fitted objects in both.
     images = [*int8_export.images, int8_export.blank]
     to_caffe2(int8_export.int8_model, tmp_path / "per-channel", weight_scales="per-channel")
     result = verify_caffe2(int8_export.int8_model, tmp_path / "per-channel", images)
     assert result.passed, result.table()
-    assert result.end_to_end.rows[0].compared >= 3 and result.end_to_end.rows[0].failures == 0
-    # Stock per-tensor weights move the scores: detections near the threshold can come and go (reported).
+    assert all(row.compared > 0 and row.max_abs_diff <= 2 * row.tolerance for row in result.stages), result.table()
+    decisive, unpaired = unpaired_decisive_detections(
+        int8_export.int8_model, Caffe2Predictor(tmp_path / "per-channel").run_image, int8_export.images)
+    assert decisive >= 3 and unpaired == [], unpaired
+    # Stock per-tensor weights move the heads' outputs by a few steps (reported, not judged, as in
+    # test_per_tensor_export_reports_what_requantizing_the_weights_costs): near-threshold detections come and go, the
+    # fitted objects stay.
     to_caffe2(int8_export.int8_model, tmp_path / "per-tensor")
-    detections = verify_caffe2(int8_export.int8_model, tmp_path / "per-tensor", images).end_to_end.rows[0]
-    assert detections.failures <= detections.compared / 2
+    result = verify_caffe2(int8_export.int8_model, tmp_path / "per-tensor", images)
+    steps = {row.output: row.max_abs_diff / row.tolerance for row in result.stages}
+    assert all(0 <= s < 16 for s in steps.values()), result.table()
+    decisive, unpaired = unpaired_decisive_detections(
+        int8_export.int8_model, Caffe2Predictor(tmp_path / "per-tensor").run_image, int8_export.images)
+    assert decisive >= 3 and unpaired == [], unpaired
