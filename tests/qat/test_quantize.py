@@ -104,10 +104,14 @@ def test_int8_model_is_small_and_reloads_in_a_fresh_process(float_model, image, 
     with torch.no_grad():
         expected = int8([{"image": image}])[0]
     torch.save({"image": image, "boxes": expected["boxes"], "u": expected["densepose"]["u"]}, tmp_path / "ref.pt")
+    # Exactly equal, as the same kernels run in both processes: the checkpoint's backend is the engine here and there
+    # (asserted), on as many threads (the float glue's kernels may split their sums by thread count).
     script = (
         "import torch, sys\n"
         "from fnl.qat import load_int8_checkpoint\n"
+        f"torch.set_num_threads({torch.get_num_threads()})\n"
         f"model, cfg = load_int8_checkpoint(r'{path}')\n"
+        f"assert torch.backends.quantized.engine == '{torch.backends.quantized.engine}'\n"
         f"ref = torch.load(r'{tmp_path / 'ref.pt'}', weights_only=True)\n"
         "out = model([{'image': ref['image']}])[0]\n"
         "assert torch.equal(out['boxes'], ref['boxes']) and torch.equal(out['densepose']['u'], ref['u'])\n"
