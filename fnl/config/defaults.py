@@ -87,6 +87,9 @@ _C.MODEL.ROI_DENSEPOSE_HEAD.CONV_HEAD_DIM = 256
 _C.MODEL.ROI_DENSEPOSE_HEAD.CONV_HEAD_KERNEL = 3
 _C.MODEL.ROI_DENSEPOSE_HEAD.ASPP_DILATIONS = [6, 12, 56]  # detectron2 DensePoseDeepLabHead
 _C.MODEL.ROI_DENSEPOSE_HEAD.NONLOCAL_ON = False
+# Norm after the head's convs: "" (none) | "BN" (folds into the convs for int8). detectron2's DeepLab head uses GN,
+# which cannot be folded; without any norm, SGD cannot train the head from scratch (see docs/DENSEPOSE_TRAINING.md).
+_C.MODEL.ROI_DENSEPOSE_HEAD.NORM = ""
 _C.MODEL.ROI_DENSEPOSE_HEAD.NUM_PATCHES = 24
 _C.MODEL.ROI_DENSEPOSE_HEAD.NUM_COARSE_SEGM_CHANNELS = 2  # 2: foreground/background; 15: 14 parts + background
 _C.MODEL.ROI_DENSEPOSE_HEAD.DECONV_KERNEL = 4
@@ -119,6 +122,9 @@ _C.DATALOADER.FILTER_EMPTY_ANNOTATIONS = True
 
 _C.SOLVER = CfgNode()
 _C.SOLVER.IMS_PER_BATCH = 16
+# "SGD" (momentum; detectron2's default) | "AdamW" (MOMENTUM unused): from-scratch training on few CPU iterations
+# converges far faster with AdamW (docs/DENSEPOSE_TRAINING.md).
+_C.SOLVER.OPTIMIZER = "SGD"
 _C.SOLVER.BASE_LR = 0.002
 _C.SOLVER.MOMENTUM = 0.9
 _C.SOLVER.WEIGHT_DECAY = 0.0001

@@ -2,6 +2,9 @@
 
 Loading uses ``torch.load(weights_only=True)``: a model file must not be able to run code. ``allow_unsafe=True``
 (``--unsafe-load`` on the command line) is the explicit opt-out for trusted legacy pickles.
+
+``zoo:NAME`` anywhere a checkpoint path is taken names a trained model shipped in the repository's ``model_zoo/``
+(``model_zoo/NAME.pth``, with its config, evaluation and the command that regenerates it beside it).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from fnl.config import CfgNode, ConfigError, get_cfg
 from fnl.utils.io import atomic_path
 
 logger = logging.getLogger("fnl")
+ZOO_PREFIX = "zoo:"
+MODEL_ZOO_DIR = Path(__file__).resolve().parents[2] / "model_zoo"
 
 
 class CheckpointError(ValueError):
@@ -62,9 +67,27 @@ def save_checkpoint(path: str | Path, model: nn.Module, cfg: CfgNode | None = No
     return path
 
 
+def zoo_models() -> list[str]:
+    """Short names of the models in ``model_zoo/`` (``zoo:NAME``)."""
+    return sorted(p.stem for p in MODEL_ZOO_DIR.glob("*.pth"))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """``zoo:NAME`` -> ``model_zoo/NAME.pth``; any other path as given."""
+    text = str(path)
+    if not text.startswith(ZOO_PREFIX):
+        return Path(path)
+    name = text[len(ZOO_PREFIX):]
+    resolved = MODEL_ZOO_DIR / f"{name}.pth"
+    if not resolved.is_file():
+        raise CheckpointError(f"no model '{name}' in the model zoo ({MODEL_ZOO_DIR}); "
+                              f"available: {', '.join(zoo_models()) or 'none'}")
+    return resolved
+
+
 def read_checkpoint(path: str | Path, allow_unsafe: bool = False) -> dict[str, Any]:
-    """The raw checkpoint dict; a bare state_dict is wrapped as ``{"model": ...}``."""
-    path = Path(path)
+    """The raw checkpoint dict; a bare state_dict is wrapped as ``{"model": ...}``. ``path`` may be ``zoo:NAME``."""
+    path = resolve_checkpoint(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:

@@ -35,8 +35,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+OPTIMIZERS = ("SGD", "AdamW")
+
+
 def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD; norm layers get WEIGHT_DECAY_NORM, as detectron2 does."""
+    """SOLVER.OPTIMIZER (SGD with momentum, or AdamW); norm layers get WEIGHT_DECAY_NORM, as detectron2 does."""
+    if cfg.SOLVER.OPTIMIZER not in OPTIMIZERS:
+        raise ValueError(f"SOLVER.OPTIMIZER '{cfg.SOLVER.OPTIMIZER}' is not one of {', '.join(OPTIMIZERS)}")
     norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
     decay, no_decay = [], []
     for module in model.modules():
@@ -46,6 +51,8 @@ def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
             (no_decay if isinstance(module, norm_types) else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.SOLVER.WEIGHT_DECAY},
               {"params": no_decay, "weight_decay": cfg.SOLVER.WEIGHT_DECAY_NORM}]
+    if cfg.SOLVER.OPTIMIZER == "AdamW":
+        return torch.optim.AdamW(groups, lr=cfg.SOLVER.BASE_LR)
     return torch.optim.SGD(groups, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM)
 
 

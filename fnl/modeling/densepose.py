@@ -16,16 +16,17 @@ from fnl.modeling.layers import ConvNormAct, init_conv_weights
 
 class ASPP(nn.Module):
     """Atrous spatial pyramid pooling (DeepLab v3): 1x1, three dilated 3x3 and an image-pooling branch, projected
-    back by a 1x1 conv. No normalization: the paper's heads have none."""
+    back by a 1x1 conv. ``norm`` ("" or "BN") follows each conv but the image-pooling one, whose 1x1 input gives a
+    batch norm one value per RoI (and none to normalize over with a single RoI)."""
 
-    def __init__(self, in_channels: int, out_channels: int, dilations: list[int]) -> None:
+    def __init__(self, in_channels: int, out_channels: int, dilations: list[int], norm: str = "") -> None:
         super().__init__()
         self.convs = nn.ModuleList(
-            [ConvNormAct(in_channels, out_channels, 1)]
-            + [ConvNormAct(in_channels, out_channels, 3, dilation=d) for d in dilations]
+            [ConvNormAct(in_channels, out_channels, 1, norm=norm)]
+            + [ConvNormAct(in_channels, out_channels, 3, dilation=d, norm=norm) for d in dilations]
         )
         self.pooling = nn.Sequential(nn.AdaptiveAvgPool2d(1), ConvNormAct(in_channels, out_channels, 1))
-        self.project = ConvNormAct((len(dilations) + 2) * out_channels, out_channels, 1)
+        self.project = ConvNormAct((len(dilations) + 2) * out_channels, out_channels, 1, norm=norm)
         self.concat = FloatFunctional()  # an observed int8 concatenation once quantized
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,17 +61,17 @@ class DensePoseHead(nn.Module):
     """"DensePoseDeepLabHead": ASPP [-> non-local] -> N convs; "DensePoseV1ConvXHead": N convs only."""
 
     def __init__(self, in_channels: int, name: str, num_convs: int, hidden_dim: int, kernel_size: int,
-                 dilations: list[int], nonlocal_on: bool) -> None:
+                 dilations: list[int], nonlocal_on: bool, norm: str = "") -> None:
         super().__init__()
         if name not in ("DensePoseDeepLabHead", "DensePoseV1ConvXHead"):
             raise ValueError(f"MODEL.ROI_DENSEPOSE_HEAD.NAME '{name}' is not one of "
                              "'DensePoseDeepLabHead', 'DensePoseV1ConvXHead'")
         channels = in_channels
-        self.ASPP = ASPP(in_channels, in_channels, dilations) if name == "DensePoseDeepLabHead" else nn.Identity()
+        self.ASPP = ASPP(in_channels, in_channels, dilations, norm) if name == "DensePoseDeepLabHead" else nn.Identity()
         self.NLBlock = NonLocalBlock(in_channels) if nonlocal_on else nn.Identity()
         body = []
         for _ in range(num_convs):
-            body.append(ConvNormAct(channels, hidden_dim, kernel_size))
+            body.append(ConvNormAct(channels, hidden_dim, kernel_size, norm=norm))
             channels = hidden_dim
         self.body = nn.Sequential(*body)
         self.out_channels = channels
@@ -131,7 +132,7 @@ def build_densepose_head_and_predictor(cfg: CfgNode, in_channels: int) -> tuple[
         raise ValueError(f"MODEL.ROI_DENSEPOSE_HEAD.HEATMAP_SIZE {dp.HEATMAP_SIZE} must equal "
                          f"2 * POOLER_RESOLUTION * UP_SCALE = {expected}")
     head = DensePoseHead(in_channels, dp.NAME, dp.NUM_STACKED_CONVS, dp.CONV_HEAD_DIM, dp.CONV_HEAD_KERNEL,
-                         dp.ASPP_DILATIONS, dp.NONLOCAL_ON)
+                         dp.ASPP_DILATIONS, dp.NONLOCAL_ON, dp.NORM)
     predictor = DensePosePredictor(head.out_channels, dp.NUM_PATCHES, dp.NUM_COARSE_SEGM_CHANNELS,
                                    dp.DECONV_KERNEL, dp.UP_SCALE)
     return head, predictor

@@ -23,6 +23,9 @@ def qat_solver_config(cfg: CfgNode) -> CfgNode:
     """The SOLVER section QAT runs with: QUANTIZATION's schedule, one LR drop at 80%, the float run's momentum."""
     q = cfg.QUANTIZATION
     qat_cfg = cfg.clone()
+    # QAT fine-tunes trained weights at a small LR with SGD whatever optimizer trained them: AdamW's per-weight
+    # step sizes would move every weight by about BASE_LR at once, far more than the quantization needs.
+    qat_cfg.SOLVER.OPTIMIZER = "SGD"
     qat_cfg.SOLVER.BASE_LR = q.BASE_LR
     qat_cfg.SOLVER.MAX_ITER = q.MAX_ITER
     qat_cfg.SOLVER.STEPS = [int(0.8 * q.MAX_ITER)]

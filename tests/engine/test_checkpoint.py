@@ -89,3 +89,29 @@ def test_code_carrying_pickle_is_not_executed(tmp_path):
 def test_save_is_atomic_and_leaves_no_temp_files(saved):
     _, _, path = saved
     assert [p.name for p in path.parent.iterdir()] == ["model.pth"]
+
+
+def test_zoo_name_resolves_to_the_model_zoo_folder(saved, tmp_path, monkeypatch):
+    from fnl.engine import checkpoint
+
+    _, _, path = saved
+    zoo = tmp_path / "model_zoo"
+    zoo.mkdir()
+    (zoo / "tiny_b.pth").write_bytes(path.read_bytes())
+    monkeypatch.setattr(checkpoint, "MODEL_ZOO_DIR", zoo)
+    assert checkpoint.resolve_checkpoint("zoo:tiny_b") == zoo / "tiny_b.pth"
+    assert checkpoint.zoo_models() == ["tiny_b"]
+    assert config_from_checkpoint("zoo:tiny_b").MODEL.NECK.NAME == "BiFPN"
+    with pytest.raises(CheckpointError, match="no model 'nope' in the model zoo .*available: tiny_b"):
+        checkpoint.read_checkpoint("zoo:nope")
+
+
+def test_half_precision_weights_load_into_the_float_model(saved, tmp_path):
+    cfg, model, _ = saved
+    half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save({"model": half}, tmp_path / "half.pth")
+    restored = build_model(cfg)
+    load_state(restored, tmp_path / "half.pth", strict=True)
+    weight = "roi_heads.box_predictor.cls_score.weight"
+    assert restored.state_dict()[weight].dtype == torch.float32
+    assert torch.equal(restored.state_dict()[weight], model.state_dict()[weight].half().float())

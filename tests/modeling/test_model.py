@@ -95,3 +95,15 @@ def test_frozen_stages_do_not_train():
     assert not any(p.requires_grad for p in bottom_up.conv_stem.parameters())
     assert not any(p.requires_grad for p in bottom_up.blocks[0].parameters())
     assert all(p.requires_grad for p in bottom_up.blocks[1].parameters())
+
+
+def test_densepose_head_norm_puts_batch_norm_after_each_conv_but_image_pooling():
+    from torch import nn
+
+    cfg = load_config("mobile_parsing_rcnn_b", ["MODEL.ROI_DENSEPOSE_HEAD.NORM", "BN"])
+    head = build_model(cfg).roi_heads.densepose_head
+    convs = [*head.ASPP.convs, head.ASPP.project, *head.body]
+    assert all(isinstance(block[1], nn.BatchNorm2d) and not block[0].bias for block in convs)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in head.ASPP.pooling.modules())
+    plain = build_model(load_config("mobile_parsing_rcnn_b")).roi_heads.densepose_head
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
