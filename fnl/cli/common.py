@@ -27,9 +27,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from fnl.engine.checkpoint import CheckpointError
     from fnl.engine.train import NonFiniteLossError
     from fnl.modeling import ImageShapeError
+    from fnl.utils.io import UnwritableOutputError
 
     errors: list[type[BaseException]] = [ConfigError, CheckpointError, NonFiniteLossError, ImageShapeError,
-                                         FileNotFoundError, FileExistsError]
+                                         FileNotFoundError, FileExistsError, UnwritableOutputError]
     try:
         from fnl.data import DatasetError
 
@@ -48,6 +49,15 @@ def run_cli(main: Callable[[], int | None], prog: str) -> int:
     except ValueError as exc:
         # Config values that fail validation deep in model construction raise ValueError with the key named.
         print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # A disk that fills up or turns read-only during the run: one line naming the file, not a traceback.
+        from fnl.utils.io import describe_disk_error
+
+        message = describe_disk_error(exc)
+        if message is None:
+            raise
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

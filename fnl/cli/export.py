@@ -76,8 +76,9 @@ def _export(args: argparse.Namespace) -> int:
     import torch
 
     from fnl.export.onnx import default_onnx_name, model_precision, to_onnx
-    from fnl.utils.io import refuse_overwrite
+    from fnl.utils.io import check_output_dir, refuse_overwrite
 
+    check_output_dir(args.output)
     if args.input_size is not None and args.input_size < 32:
         raise ValueError(f"--input-size must be at least 32, got {args.input_size}")
     if args.verify_images < 1:

@@ -43,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         from fnl.data.mapper import DatasetMapper
         from fnl.engine.inference import to_evaluator_format
         from fnl.engine.visualize import draw_densepose, save_png
-        from fnl.utils.io import atomic_path, write_json_atomic
+        from fnl.utils.io import atomic_path, check_output_dir, write_json_atomic
 
+        check_output_dir(args.output)
         images = list_images(Path(args.input))
         model, cfg = load_model_for_inference(args.ckpt, args.config, args.opts, args.unsafe_load)
         mapper = DatasetMapper(cfg, is_train=False)

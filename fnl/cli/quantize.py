@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from fnl.qat.report import int8_checkpoint_names, quantize_and_report
+    from fnl.utils.io import check_output_dir
 
+    check_output_dir(args.output)
     if args.engine == "pt2e":
         if args.backend:
             raise ValueError(f"--backend {args.backend} selects a torch.ao eager engine; --engine pt2e always "

@@ -18,8 +18,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         from fnl.engine.train import train
+        from fnl.utils.io import check_output_dir
 
         cfg = config_from_args(args, ["OUTPUT_DIR", args.output] if args.output else [])
+        check_output_dir(cfg.OUTPUT_DIR)
         result = train(cfg, resume=args.resume, evaluate=not args.no_eval)
         if result["metrics"]:
             from fnl.evaluation import format_results_table

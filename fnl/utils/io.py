@@ -3,6 +3,7 @@ a half-written model, report or dataset file behind."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -49,3 +50,39 @@ def refuse_overwrite(path: str | Path, force: bool) -> None:
     """Outputs never replace a user's file silently: an existing target needs ``force``."""
     if Path(path).exists() and not force:
         raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
+
+
+class UnwritableOutputError(ValueError):
+    """An output directory cannot be created or written; the message names it and says why."""
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """Fail now, with one line naming ``path``, if it cannot become a writable directory: before any long work
+    starts, and without creating anything (so that a run refused for another reason leaves no empty directory)."""
+    path = Path(path)
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UnwritableOutputError(f"output directory {path}: {existing} is a file, not a directory")
+    stats = os.statvfs(existing)
+    if stats.f_flag & os.ST_RDONLY:
+        raise UnwritableOutputError(f"output directory {path}: {existing} is on a read-only file system")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UnwritableOutputError(f"output directory {path}: no permission to write in {existing}")
+    if stats.f_bavail == 0:
+        raise UnwritableOutputError(f"output directory {path}: no space left on the device holding {existing}")
+    return path
+
+
+# Write failures that say something about the disk or its permissions, not about the program.
+DISK_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
+                         errno.EISDIR, errno.EFBIG})
+
+
+def describe_disk_error(exc: OSError) -> str | None:
+    """One line for a write that failed because of the disk (full, read-only, no permission), else None."""
+    if exc.errno not in DISK_ERRNOS:
+        return None
+    where = exc.filename if exc.filename is not None else "an output file"
+    return f"cannot write {where}: {exc.strerror or exc}"

@@ -1,0 +1,66 @@
+"""An --output that cannot be written is one line naming it, exit status 2, before any checkpoint, dataset or model
+is touched. Root ignores chmod, so the unwritable places here are below a regular file and a full device."""
+
+from pathlib import Path
+
+import pytest
+
+import fnl.cli.export
+import fnl.cli.predict
+import fnl.cli.quantize
+import fnl.cli.train
+from fnl.cli.common import run_cli
+
+# Nonexistent checkpoints and dataset: had the commands touched them first, the error would name them instead.
+COMMANDS = {
+    "fnl-quantize": (fnl.cli.quantize.main, ["--ckpt", "missing.pth", "--data", "no_dataset_here"]),
+    "fnl-train": (fnl.cli.train.main, ["--config", "test_tiny"]),
+    "fnl-export": (fnl.cli.export.main, ["--ckpt", "missing.pth"]),
+    "fnl-predict": (fnl.cli.predict.main, ["--ckpt", "missing.pth", "--input", "no_images_here"]),
+}
+
+
+def output_argv(prog: str, output: Path) -> list[str]:
+    main, argv = COMMANDS[prog]
+    return ["--output", str(output), *argv]
+
+
+@pytest.mark.parametrize("prog", COMMANDS)
+def test_an_output_below_a_regular_file_is_one_line_naming_it(prog, tmp_path, capsys):
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("a file where a directory was expected")
+    output = blocker / "out"
+    main, _ = COMMANDS[prog]
+    assert main(output_argv(prog, output)) == 2
+    err = capsys.readouterr().err
+    assert err == f"{prog}: error: output directory {output}: {blocker} is a file, not a directory\n"
+
+
+@pytest.mark.parametrize("prog", COMMANDS)
+def test_an_output_that_is_a_regular_file_is_refused_and_left_alone(prog, tmp_path, capsys):
+    output = tmp_path / "out"
+    output.write_text("keep me")
+    main, _ = COMMANDS[prog]
+    assert main(output_argv(prog, output)) == 2
+    assert capsys.readouterr().err == f"{prog}: error: output directory {output}: {output} is a file, not a directory\n"
+    assert output.read_text() == "keep me"
+
+
+def test_a_disk_that_fills_during_the_run_is_one_line(capsys):
+    def write_to_a_full_device() -> int:
+        with open("/dev/full", "wb") as handle:
+            handle.write(b"model bytes")
+        return 0
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this system")
+    assert run_cli(write_to_a_full_device, "fnl-x") == 2
+    assert capsys.readouterr().err == "fnl-x: error: cannot write an output file: No space left on device\n"
+
+
+def test_an_error_not_about_the_disk_keeps_its_traceback():
+    def broken() -> int:
+        raise OSError(5, "Input/output error")
+
+    with pytest.raises(OSError, match="Input/output error"):
+        run_cli(broken, "fnl-x")
