@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from fnl.config import CfgNode
 from fnl.data.catalog import uv_symmetry_file
 from fnl.data.densepose_coco import DatasetError, DatasetFileNotFoundError
+from fnl.data.images import ImageReadError, load_image
 from fnl.data.transforms import (
     DensePoseTransformData,
     hflip_boxes,
@@ -115,12 +116,11 @@ def read_image(dataset_dict: dict) -> Image.Image:
     path = dataset_dict["file_name"]
     where = f"image {dataset_dict.get('image_id')} ({path})"
     try:
-        with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened).convert("RGB")
-    except FileNotFoundError as exc:
+        image = load_image(path)
+    except DatasetFileNotFoundError as exc:
         raise DatasetFileNotFoundError(f"{where}: image file not found") from exc
-    except OSError as exc:
-        raise DatasetError(f"{where}: cannot read the image ({exc})") from exc
+    except ImageReadError as exc:
+        raise DatasetError(f"{where}: {exc.reason}") from exc
     expected = (dataset_dict["width"], dataset_dict["height"])
     if image.size != expected:
         raise DatasetError(f"{where}: image is {image.size[0]}x{image.size[1]} but the annotations say "
