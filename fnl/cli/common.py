@@ -4,6 +4,7 @@ line on stderr with exit status 2 instead of a traceback."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -41,15 +42,25 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def run_cli(main: Callable[[], int | None], prog: str) -> int:
+    opened_before = set(logging.getLogger("fnl").handlers)
+
+    def fail(message: str) -> int:
+        """The error on stderr and, when the run had opened one, in its log.txt: a log must say why it ends."""
+        line = f"{prog}: error: {message}"
+        print(line, file=sys.stderr)
+        for handler in logging.getLogger("fnl").handlers:
+            if isinstance(handler, logging.FileHandler) and handler not in opened_before:
+                handler.handle(logging.makeLogRecord({"name": "fnl", "levelno": logging.ERROR,
+                                                      "levelname": "ERROR", "msg": line}))
+        return 2
+
     try:
         return int(main() or 0)
     except user_errors() as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc))
     except ValueError as exc:
         # Config values that fail validation deep in model construction raise ValueError with the key named.
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
+        return fail(str(exc))
     except OSError as exc:
         # A disk that fills up or turns read-only during the run: one line naming the file, not a traceback.
         from fnl.utils.io import describe_disk_error
@@ -57,8 +68,7 @@ def run_cli(main: Callable[[], int | None], prog: str) -> int:
         message = describe_disk_error(exc)
         if message is None:
             raise
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        return 2
+        return fail(message)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

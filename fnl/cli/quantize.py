@@ -43,10 +43,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fnl.qat.report import int8_checkpoint_names, quantize_and_report
+    from fnl.engine.checkpoint import read_checkpoint
+    from fnl.qat.report import check_float_checkpoint, int8_checkpoint_names, quantize_and_report
     from fnl.utils.io import check_output_dir
 
     check_output_dir(args.output)
+    # Before the dataset, which may be generated on first use: a wrong checkpoint must fail in seconds.
+    check_float_checkpoint(args.ckpt, read_checkpoint(args.ckpt, args.unsafe_load))
     if args.engine == "pt2e":
         if args.backend:
             raise ValueError(f"--backend {args.backend} selects a torch.ao eager engine; --engine pt2e always "

@@ -9,6 +9,7 @@ Loading uses ``torch.load(weights_only=True)``: a model file must not be able to
 
 from __future__ import annotations
 
+import codecs
 import logging
 import pickle
 import zipfile
@@ -88,8 +89,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def read_checkpoint(path: str | Path, allow_unsafe: bool = False) -> dict[str, Any]:
     """The raw checkpoint dict; a bare state_dict is wrapped as ``{"model": ...}``. ``path`` may be ``zoo:NAME``."""
     path = resolve_checkpoint(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.pth"))
+        hint = f": pass one of its files ({_preview(inside, 3)})" if inside else ""
+        raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as handle:
+        head = handle.read(_HEAD_BYTES)
+    if not head.startswith((_ZIP_MAGIC, *_PICKLE_PROTOCOL_2_TO_5)):
+        raise CheckpointError(f"checkpoint {path} is not a PyTorch checkpoint: it is {_describe_content(head)}")
     try:
         data = torch.load(path, map_location="cpu", weights_only=not allow_unsafe)
     except pickle.UnpicklingError as exc:
@@ -110,6 +119,27 @@ def read_checkpoint(path: str | Path, allow_unsafe: bool = False) -> dict[str, A
         else:
             raise CheckpointError(f"checkpoint {path} has no 'model' entry (keys: {_preview(sorted(data))})")
     return data
+
+
+# torch.save writes a zip archive; older torch.save files and detectron2's .pkl files are pickles (protocol 2+).
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTOCOL_2_TO_5 = tuple(bytes([0x80, protocol]) for protocol in range(2, 6))
+_HEAD_BYTES = 64
+
+
+def _describe_content(head: bytes) -> str:
+    """What a file that is neither a zip nor a pickle seems to hold, from its first bytes, for the error line."""
+    if not head:
+        return "an empty file"
+    try:
+        # Incremental: a multi-byte character cut at the end of ``head`` is still text.
+        text = codecs.getincrementaldecoder("utf-8")().decode(head)
+    except UnicodeDecodeError:
+        text = None
+    if text is None or not all(c.isprintable() or c in "\r\n\t" for c in text):
+        return f"binary data of another kind (first bytes {head[:8].hex(' ')})"
+    kind = "a JSON file" if text.lstrip().startswith(("{", "[")) else "a text file"
+    return f"{kind} (starts with {text.strip()[:40]!r})"
 
 
 def config_from_checkpoint(path: str | Path, allow_unsafe: bool = False) -> CfgNode:

@@ -26,7 +26,34 @@ LAST_CHECKPOINT = "last_checkpoint"
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A loss became NaN or infinite; the message names the iteration and each loss term."""
+    """A loss (or the weights) became NaN or infinite; the message names the iteration and each loss term.
+
+    ``last_good`` is the (file name, iteration) that ``run_iterations`` last passed to ``save`` whose weights then
+    gave a finite loss: weights saved after a step are only known good once a forward pass on them is finite."""
+
+    def __init__(self, message: str, last_good: tuple[str, int] | None = None) -> None:
+        super().__init__(message)
+        self.last_good = last_good
+
+
+def rewind_to_last_good(exc: NonFiniteLossError, output_dir: Path, marker_name: str,
+                        file_prefix: str = "") -> NonFiniteLossError:
+    """Point ``output_dir/marker_name`` (what --resume reads) at the last checkpoint whose weights gave a finite
+    loss, or remove it when there is none, and return the error with that checkpoint named."""
+    marker = output_dir / marker_name
+    if exc.last_good is None:
+        marker.unlink(missing_ok=True)
+        advice = "no checkpoint of this run had weights that gave a finite loss"
+    else:
+        name, iteration = exc.last_good
+        write_text_atomic(marker, file_prefix + name)
+        advice = (f"the last checkpoint whose weights gave a finite loss is {output_dir / (file_prefix + name)} "
+                  f"(iteration {iteration}); --resume continues from it")
+    return NonFiniteLossError(f"{exc}; {advice}", exc.last_good)
+
+
+def weights_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def seed_everything(seed: int) -> None:
@@ -146,11 +173,17 @@ def train(cfg: CfgNode, resume: bool = False, evaluate: bool = True) -> dict[str
     def save(name: str, iteration: int) -> None:
         _save(output_dir, name, model, cfg, iteration, optimizer)
 
-    history = run_iterations(
-        train_model, iter(build_train_loader(cfg)), optimizer, scheduler, range(start_iter, cfg.SOLVER.MAX_ITER),
-        clip_gradients=cfg.SOLVER.CLIP_GRADIENTS, checkpoint_period=cfg.SOLVER.CHECKPOINT_PERIOD,
-        save=save if rank == 0 else None, description="train", log=rank == 0,
-    )
+    try:
+        history = run_iterations(
+            train_model, iter(build_train_loader(cfg)), optimizer, scheduler,
+            range(start_iter, cfg.SOLVER.MAX_ITER), clip_gradients=cfg.SOLVER.CLIP_GRADIENTS,
+            checkpoint_period=cfg.SOLVER.CHECKPOINT_PERIOD, save=save if rank == 0 else None, description="train",
+            log=rank == 0, resumed_from=(checkpoint.name, start_iter - 1) if checkpoint is not None else None,
+        )
+    except NonFiniteLossError as exc:
+        if rank != 0:
+            raise
+        raise rewind_to_last_good(exc, output_dir, LAST_CHECKPOINT) from None
     final = output_dir / "model_final.pth"
     if rank == 0:
         _save(output_dir, final.name, model, cfg, cfg.SOLVER.MAX_ITER - 1, optimizer)
@@ -166,17 +199,26 @@ def run_iterations(model: nn.Module, batches: Iterator[list[dict]], optimizer: t
                    scheduler: torch.optim.lr_scheduler.LRScheduler, iterations: range, clip_gradients: float = 0.0,
                    checkpoint_period: int = 0, save: Callable[[str, int], None] | None = None,
                    on_iteration: Callable[[int], None] | None = None, description: str = "train",
-                   log: bool = True) -> list[dict[str, float]]:
+                   log: bool = True, resumed_from: tuple[str, int] | None = None) -> list[dict[str, float]]:
     """The loop both float training and QAT run: forward, finite-loss check, backward, clip, step, log, and a
-    checkpoint every ``checkpoint_period`` iterations through ``save(file_name, iteration)``."""
+    checkpoint every ``checkpoint_period`` iterations through ``save(file_name, iteration)``. ``resumed_from``: the
+    (file name, iteration) of the checkpoint the weights came from, a candidate for the last good one."""
     model.train()
     history: list[dict[str, float]] = []
+    # A checkpoint holds the weights after a step; only a finite loss computed with them makes it known good.
+    last_good: tuple[str, int] | None = None
+    unconfirmed = resumed_from
     progress = tqdm(iterations, desc=description, initial=iterations.start, total=iterations.stop, disable=not log)
     for iteration in progress:
         if on_iteration is not None:
             on_iteration(iteration)
         losses = model(next(batches))
-        total = check_losses_finite(losses, iteration)
+        try:
+            total = check_losses_finite(losses, iteration)
+        except NonFiniteLossError as exc:
+            raise NonFiniteLossError(str(exc), last_good) from None
+        if unconfirmed is not None:
+            last_good, unconfirmed = unconfirmed, None
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         if clip_gradients > 0:
@@ -192,7 +234,12 @@ def run_iterations(model: nn.Module, batches: Iterator[list[dict]], optimizer: t
                         ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "iteration"))
         is_last = iteration == iterations.stop - 1
         if save is not None and checkpoint_period and not is_last and (iteration + 1) % checkpoint_period == 0:
-            save(f"model_{iteration:07d}.pth", iteration)
+            if not weights_finite(model):
+                raise NonFiniteLossError(f"weights are not finite after iteration {iteration}. Lower "
+                                         "SOLVER.BASE_LR, raise SOLVER.WARMUP_ITERS or set SOLVER.CLIP_GRADIENTS",
+                                         last_good)
+            unconfirmed = (f"model_{iteration:07d}.pth", iteration)
+            save(*unconfirmed)
     return history
 
 

@@ -12,11 +12,13 @@ import torch
 
 from fnl.config import CfgNode, load_config
 from fnl.engine.benchmark import measure, model_file_megabytes
-from fnl.engine.checkpoint import config_from_checkpoint, load_state
+from fnl.engine.checkpoint import CheckpointError, config_from_checkpoint, load_state, read_checkpoint
+from fnl.engine.train import NonFiniteLossError, rewind_to_last_good
 from fnl.export.report import ReportRow, file_megabytes, write_report
 from fnl.qat.patch import format_islands
 from fnl.qat.pipeline import QuantizationResult, quantize
 from fnl.qat.serialization import save_int8_checkpoint
+from fnl.qat.train import QAT_LAST_CHECKPOINT
 from fnl.utils.logging import setup_logger
 
 logger = logging.getLogger("fnl")
@@ -57,25 +59,52 @@ def int8_checkpoint_names(engine: str) -> tuple[str, str]:
     return "model_int8.pth", "model_int8_ptq.pth"
 
 
+def check_float_checkpoint(path: str | Path, data: dict[str, Any]) -> None:
+    """fnl-quantize starts from a float model: an int8 model, a PT2E state or a QAT training state is refused with
+    the file to use instead."""
+    from fnl.qat.pt2e import is_pt2e_checkpoint
+    from fnl.qat.serialization import is_int8_checkpoint
+
+    if is_int8_checkpoint(data) or is_pt2e_checkpoint(data):
+        kind = "an int8 model" if is_int8_checkpoint(data) else "a PT2E quantized model state"
+    elif any(key.endswith(".zero_point") for key in data["model"]):
+        kind = "a QAT (fake-quantized) training state"
+    else:
+        return
+    beside = Path(path).parent / "model_fp32.pth"
+    source = (f"(fnl-quantize left it beside this one: {beside})" if beside.is_file()
+              else "(fnl-train's model_final.pth)")
+    raise CheckpointError(f"checkpoint {path} is already {kind}: quantize its float checkpoint {source}")
+
+
 def quantize_and_report(ckpt: str | Path, output: str | Path, config: str | None, overrides: Sequence[str],
                         threads: int = 2, resume: bool = False, allow_unsafe: bool = False,
                         ptq_baseline: bool = True, engine: str = "eager") -> dict[str, Any]:
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    setup_logger(output)
-    torch.set_num_threads(threads)
-    cfg = resolve_config(ckpt, config, overrides, allow_unsafe)
     from fnl.modeling import build_model
 
+    output = Path(output)
+    check_float_checkpoint(ckpt, read_checkpoint(ckpt, allow_unsafe))
+    cfg = resolve_config(ckpt, config, overrides, allow_unsafe)
     float_model = build_model(cfg)
     load_state(float_model, ckpt, allow_unsafe, strict=True)
     float_model.eval()
+    # Only now that the inputs are known good: a refused run leaves no empty output directory behind.
+    output.mkdir(parents=True, exist_ok=True)
+    setup_logger(output)
+    torch.set_num_threads(threads)
     rows = [measure("PyTorch float32", "pytorch", "float32", "float", float_model, cfg,
                     model_file_megabytes(float_model, output / "model_fp32.pth", cfg))[0]]
 
     mode = cfg.QUANTIZATION.MODE
     int8_name, ptq_name = int8_checkpoint_names(engine)
-    result = quantize(float_model, cfg, mode, output, resume, engine)
+    try:
+        result = quantize(float_model, cfg, mode, output, resume, engine)
+    except NonFiniteLossError as exc:
+        # Without a checkpoint known good, the marker stays: it may name the one this run resumed from.
+        if exc.last_good is None:
+            raise
+        # "qat_" + the loop's name: how fnl.qat.train names its checkpoints.
+        raise rewind_to_last_good(exc, output, QAT_LAST_CHECKPOINT, file_prefix="qat_") from None
     rows.append(int8_row(result, cfg, output / int8_name))
     if mode == "qat" and ptq_baseline:
         rows.append(int8_row(quantize(float_model, cfg, "ptq", engine=engine), cfg, output / ptq_name))
