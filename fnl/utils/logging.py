@@ -9,13 +9,29 @@ from pathlib import Path
 _FORMAT = "[%(asctime)s %(name)s %(levelname)s] %(message)s"
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a record comes, not as it was when the handler was made: notebooks
+    and test runners replace it, and a handler holding the old, closed stream prints "Logging error" tracebacks."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logger(output_dir: str | Path | None = None, name: str = "fnl", filename: str = "log.txt") -> logging.Logger:
     logger = logging.getLogger(name)
     logger.setLevel(logging.INFO)
     logger.propagate = False
     if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
                for h in logger.handlers):
-        console = logging.StreamHandler(sys.stderr)
+        console = _CurrentStderrHandler()
         console.setFormatter(logging.Formatter(_FORMAT, "%H:%M:%S"))
         logger.addHandler(console)
     if output_dir is not None:
