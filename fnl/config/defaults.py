@@ -136,6 +136,8 @@ _C.SOLVER.WARMUP_ITERS = 1000
 _C.SOLVER.WARMUP_FACTOR = 0.001
 _C.SOLVER.CHECKPOINT_PERIOD = 5000
 _C.SOLVER.CLIP_GRADIENTS = 0.0  # max L2 norm; 0 disables
+# Periodic checkpoints kept on disk, the newest (0: all). At least 2: a diverging run resumes from the one before last.
+_C.SOLVER.CHECKPOINTS_KEPT = 3
 
 _C.TEST = CfgNode()
 _C.TEST.EVAL_PERIOD = 0  # 0: evaluate only at the end of training
@@ -159,3 +161,5 @@ _C.QUANTIZATION.FREEZE_BN_ITER = 200  # freeze BN statistics after this many QAT
 _C.QUANTIZATION.FREEZE_OBSERVER_ITER = 250  # freeze quantization ranges after this many QAT iterations
 _C.QUANTIZATION.CALIBRATION_IMAGES = 32  # images the observers see before QAT (and all that PTQ sees)
 _C.QUANTIZATION.CHECKPOINT_PERIOD = 100
+# QAT's SOLVER.CHECKPOINTS_KEPT: periodic QAT checkpoints kept, the newest (0: all; else at least 2).
+_C.QUANTIZATION.CHECKPOINTS_KEPT = 3

@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import logging
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,33 @@ def save_checkpoint(path: str | Path, model: nn.Module, cfg: CfgNode | None = No
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return path
+
+
+def periodic_checkpoint_name(iteration: int) -> str:
+    """The file name of the periodic checkpoint written after ``iteration`` (detectron2's)."""
+    return f"model_{iteration:07d}.pth"
+
+
+def checkpoints_kept(cfg: CfgNode, key: str) -> int:
+    """The validated value of a CHECKPOINTS_KEPT key (``key`` is its full name, e.g. "SOLVER.CHECKPOINTS_KEPT")."""
+    section, name = key.split(".")
+    value = cfg[section][name]
+    if not isinstance(value, int) or value < 0 or value == 1:
+        raise ConfigError(f"{key} must be 0 (keep every periodic checkpoint) or at least 2 (a diverging run resumes "
+                          f"from the checkpoint before the last), got {value!r}")
+    return value
+
+
+def prune_periodic_checkpoints(directory: str | Path, keep: int, prefix: str = "") -> list[Path]:
+    """Remove all but the ``keep`` newest periodic checkpoints ``{prefix}model_NNNNNNN.pth`` in ``directory``
+    (``keep`` 0: remove none). Returns the files removed."""
+    pattern = re.compile(re.escape(prefix) + r"model_(\d{7})\.pth")
+    found = sorted((int(match.group(1)), path) for path in Path(directory).iterdir()
+                   if (match := pattern.fullmatch(path.name)))
+    removed = [path for _, path in found[:-keep]] if keep else []
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
 
 
 def zoo_models() -> list[str]:

@@ -17,8 +17,15 @@ from torch import nn
 from tqdm import tqdm
 
 from fnl.config import CfgNode
-from fnl.engine.checkpoint import load_state, read_checkpoint, save_checkpoint
-from fnl.utils.io import write_json_atomic, write_text_atomic
+from fnl.engine.checkpoint import (
+    checkpoints_kept,
+    load_state,
+    periodic_checkpoint_name,
+    prune_periodic_checkpoints,
+    read_checkpoint,
+    save_checkpoint,
+)
+from fnl.utils.io import remove_stale_temporaries, write_json_atomic, write_text_atomic
 from fnl.utils.logging import setup_logger
 
 logger = logging.getLogger("fnl")
@@ -145,11 +152,8 @@ def train(cfg: CfgNode, resume: bool = False, evaluate: bool = True) -> dict[str
 
     rank, world_size = setup_distributed(cfg)
     output_dir = Path(cfg.OUTPUT_DIR)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    setup_logger(output_dir if rank == 0 else None)
+    keep = checkpoints_kept(cfg, "SOLVER.CHECKPOINTS_KEPT")
     seed_everything(cfg.SEED + rank)
-    if rank == 0:
-        write_text_atomic(output_dir / "config.yaml", cfg.dump())
 
     model = build_model(cfg)
     optimizer = build_optimizer(cfg, model)
@@ -161,10 +165,20 @@ def train(cfg: CfgNode, resume: bool = False, evaluate: bool = True) -> dict[str
         if "optimizer" in data:
             optimizer.load_state_dict(data["optimizer"])
         start_iter = int(data.get("iteration", -1)) + 1
-        logger.info("resuming from %s at iteration %d", checkpoint, start_iter)
     elif cfg.MODEL.WEIGHTS:
         load_state(model, cfg.MODEL.WEIGHTS)
     scheduler = build_scheduler(cfg, optimizer, start_iter)
+    batches = iter(build_train_loader(cfg))
+
+    # Only now that config, weights and dataset are known good: a refused run leaves no output directory behind.
+    output_dir.mkdir(parents=True, exist_ok=True)
+    setup_logger(output_dir if rank == 0 else None)
+    if rank == 0:
+        for stale in remove_stale_temporaries(output_dir):
+            logger.info("removed %s, left by an interrupted write", stale)
+        write_text_atomic(output_dir / "config.yaml", cfg.dump())
+    if checkpoint is not None:
+        logger.info("resuming from %s at iteration %d", checkpoint, start_iter)
 
     train_model: nn.Module = model
     if world_size > 1:
@@ -172,10 +186,11 @@ def train(cfg: CfgNode, resume: bool = False, evaluate: bool = True) -> dict[str
 
     def save(name: str, iteration: int) -> None:
         _save(output_dir, name, model, cfg, iteration, optimizer)
+        prune_periodic_checkpoints(output_dir, keep)
 
     try:
         history = run_iterations(
-            train_model, iter(build_train_loader(cfg)), optimizer, scheduler,
+            train_model, batches, optimizer, scheduler,
             range(start_iter, cfg.SOLVER.MAX_ITER), clip_gradients=cfg.SOLVER.CLIP_GRADIENTS,
             checkpoint_period=cfg.SOLVER.CHECKPOINT_PERIOD, save=save if rank == 0 else None, description="train",
             log=rank == 0, resumed_from=(checkpoint.name, start_iter - 1) if checkpoint is not None else None,
@@ -238,7 +253,7 @@ def run_iterations(model: nn.Module, batches: Iterator[list[dict]], optimizer: t
                 raise NonFiniteLossError(f"weights are not finite after iteration {iteration}. Lower "
                                          "SOLVER.BASE_LR, raise SOLVER.WARMUP_ITERS or set SOLVER.CLIP_GRADIENTS",
                                          last_good)
-            unconfirmed = (f"model_{iteration:07d}.pth", iteration)
+            unconfirmed = (periodic_checkpoint_name(iteration), iteration)
             save(*unconfirmed)
     return history
 

@@ -12,16 +12,25 @@ import torch
 
 from fnl.config import CfgNode, load_config
 from fnl.engine.benchmark import measure, model_file_megabytes
-from fnl.engine.checkpoint import CheckpointError, config_from_checkpoint, load_state, read_checkpoint
+from fnl.engine.checkpoint import (
+    CheckpointError,
+    checkpoints_kept,
+    config_from_checkpoint,
+    load_state,
+    prune_periodic_checkpoints,
+    read_checkpoint,
+)
 from fnl.engine.train import NonFiniteLossError, rewind_to_last_good
 from fnl.export.report import ReportRow, file_megabytes, write_report
 from fnl.qat.patch import format_islands
 from fnl.qat.pipeline import QuantizationResult, quantize
 from fnl.qat.serialization import save_int8_checkpoint
 from fnl.qat.train import QAT_LAST_CHECKPOINT
+from fnl.utils.io import remove_stale_temporaries
 from fnl.utils.logging import setup_logger
 
 logger = logging.getLogger("fnl")
+QAT_PREFIX = "qat_"  # fnl.qat.train's checkpoints: this prefix + the training loop's file name
 
 
 def resolve_config(ckpt: str | Path, config: str | None, overrides: Sequence[str], allow_unsafe: bool) -> CfgNode:
@@ -85,12 +94,15 @@ def quantize_and_report(ckpt: str | Path, output: str | Path, config: str | None
     output = Path(output)
     check_float_checkpoint(ckpt, read_checkpoint(ckpt, allow_unsafe))
     cfg = resolve_config(ckpt, config, overrides, allow_unsafe)
+    keep = checkpoints_kept(cfg, "QUANTIZATION.CHECKPOINTS_KEPT")
     float_model = build_model(cfg)
     load_state(float_model, ckpt, allow_unsafe, strict=True)
     float_model.eval()
     # Only now that the inputs are known good: a refused run leaves no empty output directory behind.
     output.mkdir(parents=True, exist_ok=True)
     setup_logger(output)
+    for stale in remove_stale_temporaries(output):
+        logger.info("removed %s, left by an interrupted write", stale)
     torch.set_num_threads(threads)
     rows = [measure("PyTorch float32", "pytorch", "float32", "float", float_model, cfg,
                     model_file_megabytes(float_model, output / "model_fp32.pth", cfg))[0]]
@@ -103,8 +115,10 @@ def quantize_and_report(ckpt: str | Path, output: str | Path, config: str | None
         # Without a checkpoint known good, the marker stays: it may name the one this run resumed from.
         if exc.last_good is None:
             raise
-        # "qat_" + the loop's name: how fnl.qat.train names its checkpoints.
-        raise rewind_to_last_good(exc, output, QAT_LAST_CHECKPOINT, file_prefix="qat_") from None
+        raise rewind_to_last_good(exc, output, QAT_LAST_CHECKPOINT, file_prefix=QAT_PREFIX) from None
+    finally:
+        # fnl.qat.train saves every QUANTIZATION.CHECKPOINT_PERIOD iterations and keeps them all.
+        prune_periodic_checkpoints(output, keep, prefix=QAT_PREFIX)
     rows.append(int8_row(result, cfg, output / int8_name))
     if mode == "qat" and ptq_baseline:
         rows.append(int8_row(quantize(float_model, cfg, "ptq", engine=engine), cfg, output / ptq_name))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +32,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+# The temporaries atomic_path creates: "." + target name + "." + mkstemp's 8 random characters + ".tmp".
+_TEMPORARY_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete what interrupted atomic writes (``kill -9``, power loss) left in ``directory``; call it when a run
+    starts or resumes there, before it writes anything. Returns the files removed."""
+    directory = Path(directory)
+    stale = sorted(p for p in directory.iterdir() if p.is_file() and _TEMPORARY_NAME.fullmatch(p.name))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
