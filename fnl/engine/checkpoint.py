@@ -1,7 +1,9 @@
 """Checkpoints in detectron2's format: ``{"model": state_dict, "iteration": int, ...}`` plus our config.
 
-Loading uses ``torch.load(weights_only=True)``: a model file must not be able to run code. ``allow_unsafe=True``
-(``--unsafe-load`` on the command line) is the explicit opt-out for trusted legacy pickles.
+Loading uses ``torch.load(weights_only=True)``: a model file must not be able to run code. A plain pickle (not
+torch's format: detectron2's model-zoo ``.pkl`` files, numpy arrays in dicts) is read by an unpickler that allows
+numpy arrays and plain containers only, arrays becoming tensors. ``allow_unsafe=True`` (``--unsafe-load`` on the
+command line) is the explicit opt-out for trusted files holding other objects; it warns on stderr before reading.
 
 ``zoo:NAME`` anywhere a checkpoint path is taken names a trained model shipped in the repository's ``model_zoo/``
 (``model_zoo/NAME.pth``, with its config, evaluation and the command that regenerates it beside it).
@@ -13,6 +15,7 @@ import codecs
 import logging
 import pickle
 import re
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +130,11 @@ def read_checkpoint(path: str | Path, allow_unsafe: bool = False) -> dict[str, A
         head = handle.read(_HEAD_BYTES)
     if not head.startswith((_ZIP_MAGIC, *_PICKLE_PROTOCOL_2_TO_5)):
         raise CheckpointError(f"checkpoint {path} is not a PyTorch checkpoint: it is {_describe_content(head)}")
+    if allow_unsafe:
+        _warn_unsafe_load(path)
+    if head.startswith(_PICKLE_PROTOCOL_2_TO_5) and not head.startswith(_TORCH_LEGACY_MAGIC):
+        data = _read_plain_pickle(path, allow_unsafe)
+        return _as_checkpoint(data, path)
     try:
         data = torch.load(path, map_location="cpu", weights_only=not allow_unsafe)
     except pickle.UnpicklingError as exc:
@@ -139,6 +147,11 @@ def read_checkpoint(path: str | Path, allow_unsafe: bool = False) -> dict[str, A
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} is not a readable PyTorch file (corrupt or truncated?): "
                               f"{str(exc)[:300]}") from exc
+    return _as_checkpoint(data, path)
+
+
+def _as_checkpoint(data: Any, path: Path) -> dict[str, Any]:
+    """``{"model": state_dict, ...}`` from what a file held: the checkpoint itself, or a bare state_dict."""
     if not isinstance(data, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(data).__name__}, expected a dict / state_dict")
     if "model" not in data:
@@ -149,10 +162,82 @@ def read_checkpoint(path: str | Path, allow_unsafe: bool = False) -> dict[str, A
     return data
 
 
-# torch.save writes a zip archive; older torch.save files and detectron2's .pkl files are pickles (protocol 2+).
+# torch.save writes a zip archive; older torch.save files and detectron2's .pkl files are pickles (protocol 2+),
+# the former starting with the pickled number torch's legacy format opens with.
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTOCOL_2_TO_5 = tuple(bytes([0x80, protocol]) for protocol in range(2, 6))
+_TORCH_LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[:-1]  # without the STOP opcode
 _HEAD_BYTES = 64
+
+# All that a plain pickle of numpy arrays in (ordered) dicts, lists, tuples and sets needs, in the numpy 1 and 2
+# module names and Python 2's (detectron2's model-zoo files): none of these can run code of the file's choosing.
+_PLAIN_PICKLE_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("collections", "OrderedDict"), ("_codecs", "encode"),
+    ("builtins", "set"), ("builtins", "frozenset"), ("__builtin__", "set"), ("__builtin__", "frozenset"),
+})
+
+
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    """A pickle names a class or function that a plain pickle of arrays never needs."""
+
+
+class _PlainPickleUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and plain containers only; any other class or function is refused by name."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _PLAIN_PICKLE_GLOBALS:
+            raise _ForbiddenGlobal(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+_warned_unsafe: set[Path] = set()  # one warning per file, though a command reads its checkpoint several times
+
+
+def _warn_unsafe_load(path: Path) -> None:
+    # Straight to stderr, before anything is read: whatever logging is set up, the user sees it first.
+    if path.resolve() not in _warned_unsafe:
+        _warned_unsafe.add(path.resolve())
+        print(f"fnl: warning: --unsafe-load: {path} is read with pickle, which runs any code the file holds; load "
+              "only files from a source you trust", file=sys.stderr, flush=True)
+
+
+def _read_plain_pickle(path: Path, allow_unsafe: bool) -> Any:
+    """A pickle that is not torch's format (detectron2's .pkl: numpy arrays in dicts), numpy arrays as tensors."""
+    import numpy as np
+
+    unpickler = pickle.Unpickler if allow_unsafe else _PlainPickleUnpickler
+    try:
+        with open(path, "rb") as handle:
+            # latin1: how Python 2 pickles' byte strings (numpy's array data among them) must be read.
+            data = unpickler(handle, encoding="latin1").load()
+    except _ForbiddenGlobal as exc:
+        raise CheckpointError(f"checkpoint {path} is a pickle holding objects other than numpy arrays and plain "
+                              f"containers ({exc}), so it was not loaded. If you trust its source, load it with "
+                              "--unsafe-load") from exc
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError,
+            KeyError) as exc:
+        raise CheckpointError(f"checkpoint {path} is not a readable pickle (corrupt or truncated?): "
+                              f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+
+    def to_torch(value: Any) -> Any:
+        if isinstance(value, np.ndarray | np.generic):
+            if value.dtype == object:
+                raise CheckpointError(f"checkpoint {path} holds a numpy array of Python objects, not numbers")
+            return torch.from_numpy(np.array(value))  # a copy: writable, contiguous, one owner
+        if isinstance(value, dict):
+            return {key: to_torch(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(to_torch(item) for item in value)
+        return value
+
+    data = to_torch(data)
+    # Detectron (Caffe2) files keep the weights under "blobs", with the solver's momenta beside them.
+    if isinstance(data, dict) and "model" not in data and isinstance(data.get("blobs"), dict):
+        data = {"model": {k: v for k, v in data["blobs"].items() if not k.endswith("_momentum")}}
+    return data
 
 
 def _describe_content(head: bytes) -> str:
