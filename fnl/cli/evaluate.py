@@ -36,8 +36,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.onnx:
             from fnl.export.runtime import OnnxPredictor
 
-            cfg = load_config(args.config, overrides)
             predictor = OnnxPredictor(args.onnx, threads=args.threads)
+            contract = predictor.preprocessing
+            # The test sizes the file was exported for: the loader then resizes each image once, from the original.
+            sizes = [] if contract is None else ["INPUT.MIN_SIZE_TEST", str(contract.min_size_test),
+                                                 "INPUT.MAX_SIZE_TEST", str(contract.max_size_test)]
+            cfg = load_config(args.config, [*overrides, *sizes])
         else:
             predictor, cfg = load_model_for_inference(args.ckpt, args.config, overrides, args.unsafe_load)
         results, _ = evaluate_predictor(predictor, cfg, args.split)

@@ -10,8 +10,9 @@ PyTorch int8 (fnl.export.caffe2.verify) and exits with status 1 on failure.
 
 --ckpt writes DIR/model_fp32.onnx (float checkpoint) or DIR/model_int8.onnx (int8 checkpoint written by
 fnl-quantize: QuantizeLinear/DequantizeLinear around the int8 convs): the whole model as one ONNX graph (input: one
-RGB uint8 image, already resized so its shortest side is the test size; outputs: boxes in that image, scores,
-classes, DensePose head outputs), checked with onnx.checker. --verify then runs PyTorch and ONNX Runtime on the same
+RGB uint8 image, already resized so its shortest side is the test size, which the file's metadata records for
+fnl.export.runtime.OnnxPredictor to resize by; outputs: boxes in that image, scores, classes, DensePose head
+outputs), checked with onnx.checker. --verify then runs PyTorch and ONNX Runtime on the same
 images and prints the per-output differences; it exits with status 1 when they are beyond the criteria
 (fnl.export.verify): float32 -- every detection within 1e-3; int8 -- at least 95% of the detections paired at
 IoU >= 0.9 and, with --data, box and DensePose AP on the test split within 0.5 of the PyTorch int8 model's.
@@ -76,6 +77,7 @@ def _export(args: argparse.Namespace) -> int:
     import torch
 
     from fnl.export.onnx import default_onnx_name, model_precision, to_onnx
+    from fnl.export.runtime import Preprocessing
     from fnl.utils.io import check_output_dir, refuse_overwrite
 
     check_output_dir(args.output)
@@ -97,7 +99,7 @@ def _export(args: argparse.Namespace) -> int:
     refuse_overwrite(path, args.force)
     size = cfg.INPUT.MIN_SIZE_TEST
     sample = torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    to_onnx(model, path, sample, opset=args.opset)
+    to_onnx(model, path, sample, opset=args.opset, preprocessing=Preprocessing.from_config(cfg))
     print(f"wrote {path} ({model_precision(model)}, opset {args.opset}, {path.stat().st_size / 2**20:.1f} MB, "
           "onnx.checker passed)")
     if not args.verify:

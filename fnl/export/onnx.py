@@ -3,7 +3,8 @@
 Graph interface (``fnl.export.runtime`` runs it):
 - input ``image``: (1, 3, H, W) RGB, uint8 (or float32 when exported with a float sample), already resized to the
   test size as the data mapper resizes (shortest side INPUT.MIN_SIZE_TEST); H and W are dynamic. Normalization
-  and zero-padding to INPUT.SIZE_DIVISIBILITY happen inside the graph; resizing does not.
+  and zero-padding to INPUT.SIZE_DIVISIBILITY happen inside the graph; resizing does not: the test sizes are in
+  the file's metadata (``fnl_preprocessing``, see ``fnl.export.runtime.Preprocessing``) for the runtime to apply.
 - outputs ``boxes`` (N, 4) XYXY in the input image's pixels, ``scores`` (N,), ``classes`` (N,) int64 and, with
   DensePose on, ``coarse_segm``, ``fine_segm``, ``u``, ``v`` (N, C, S, S) box-relative; N is dynamic and may be 0.
 
@@ -37,7 +38,7 @@ from torch.onnx import symbolic_helper
 
 import fnl
 from fnl.export.graph_compaction import compact_graph
-from fnl.export.runtime import BOX_OUTPUTS, DENSEPOSE_OUTPUTS, INPUT_NAME
+from fnl.export.runtime import BOX_OUTPUTS, DENSEPOSE_OUTPUTS, INPUT_NAME, PREPROCESSING_KEY, Preprocessing
 from fnl.hooks.registry import HOOK_KINDS, has_forward_hooks
 from fnl.modeling import GeneralizedRCNN
 from fnl.utils.io import atomic_path
@@ -89,19 +90,27 @@ def default_onnx_name(model: nn.Module) -> str:
 
 
 def to_onnx(model: GeneralizedRCNN, path: str | Path, sample_image: torch.Tensor,
-            opset: int = DEFAULT_OPSET, compact: bool = True) -> Path:
+            opset: int = DEFAULT_OPSET, compact: bool = True, preprocessing: Preprocessing | None = None) -> Path:
     """Export ``model`` (float32 or eager int8) to ``path`` as one ONNX graph; see the module docstring.
 
     ``sample_image`` (3, H, W) or (1, 3, H, W), uint8 or float32, is what the graph is traced with: its dtype becomes
     the graph's input dtype; any size works as H and W are dynamic. ``compact=False`` keeps torch.onnx's scoped node
-    names (``ort_static_ptq`` selects the int8 regions by them). Returns ``path``.
+    names (``ort_static_ptq`` selects the int8 regions by them). ``preprocessing`` (``Preprocessing.from_config(cfg)``
+    of the config the model runs with) is stored in the file's metadata, where ``OnnxPredictor`` finds the test size
+    to resize images to. Returns ``path``.
     """
     image = _export_sample(sample_image)
+    if preprocessing is not None and preprocessing.size_divisibility != model.size_divisibility:
+        raise ValueError(f"preprocessing says INPUT.SIZE_DIVISIBILITY {preprocessing.size_divisibility}, the model "
+                         f"pads to multiples of {model.size_divisibility}: pass the model's own config")
     wrapper = ExportableRCNN(model)
     names = wrapper.output_names
     dynamic_axes = {INPUT_NAME: {2: "height", 3: "width"}, **{name: {0: "detections"} for name in names}}
+    metadata = _metadata(model, image)
+    if preprocessing is not None:
+        metadata[PREPROCESSING_KEY] = preprocessing.to_json()
     return export_graph(wrapper, (image,), path, [INPUT_NAME], list(names), dynamic_axes, opset,
-                        metadata=_metadata(model, image), compact=compact)
+                        metadata=metadata, compact=compact)
 
 
 def export_graph(module: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: str | Path,

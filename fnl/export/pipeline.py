@@ -31,7 +31,7 @@ from fnl.export.graph_compaction import compact_onnx_file
 from fnl.export.onnx import DEFAULT_OPSET, to_onnx
 from fnl.export.ort_quantize import ort_static_ptq
 from fnl.export.report import ReportRow, file_megabytes, write_report
-from fnl.export.runtime import OnnxPredictor
+from fnl.export.runtime import OnnxPredictor, Preprocessing
 from fnl.export.verify import FLOAT32, INT8, VerificationReport, ap_rows, verify_onnx
 
 logger = logging.getLogger("fnl")
@@ -69,11 +69,13 @@ def export_and_report(quantize_dir: str | Path, export_dir: str | Path, data_roo
         int8_model, _ = load_model_for_inference(str(int8_checkpoint), None, overrides)
         mode = _int8_mode(int8_checkpoint)
         test_images = split_images(cfg, cfg.DATASETS.TEST[0], verify_images)
-        int8_onnx = to_onnx(int8_model, export_dir / INT8_ONNX, test_images[0], opset)
+        preprocessing = Preprocessing.from_config(cfg)
+        int8_onnx = to_onnx(int8_model, export_dir / INT8_ONNX, test_images[0], opset, preprocessing=preprocessing)
         calibration = split_images(cfg, cfg.DATASETS.TRAIN[0], calibration_images)
         with tempfile.TemporaryDirectory(prefix="fnl-export-") as scratch:
             # ONNX Runtime's PTQ finds the int8 regions by node name: it gets the float graph before compaction.
-            named_float_onnx = to_onnx(float_model, Path(scratch) / FLOAT_ONNX, test_images[0], opset, compact=False)
+            named_float_onnx = to_onnx(float_model, Path(scratch) / FLOAT_ONNX, test_images[0], opset, compact=False,
+                                       preprocessing=preprocessing)
             float_onnx = compact_onnx_file(named_float_onnx, export_dir / FLOAT_ONNX)
             ort_ptq_onnx = ort_static_ptq(named_float_onnx, export_dir / ORT_PTQ_ONNX, calibration)
         verification = {FLOAT_ONNX: verify_onnx(float_model, float_onnx, test_images, FLOAT32, threads),
