@@ -10,7 +10,7 @@ from pathlib import Path
 from torch import nn
 
 from fnl.config import CfgNode
-from fnl.qat.quantize import QuantizationStages, calibrate, convert, prepare
+from fnl.qat.quantize import QuantizationStages, calibrate, check_int8_kernels, convert, prepare
 
 logger = logging.getLogger("fnl")
 
@@ -52,6 +52,8 @@ def quantize(float_model: nn.Module, cfg: CfgNode, mode: str | None = None, outp
     mode = mode or cfg.QUANTIZATION.MODE
     stages = QuantizationStages()
     prepared = prepare(float_model.eval(), cfg, mode, stages)
+    if engine == "eager":
+        check_int8_kernels(prepared)  # seconds now, rather than after calibration and QAT
     if not (resume and mode == "qat"):
         seen = calibrate(prepared, iter(build_train_loader(cfg)), cfg.QUANTIZATION.CALIBRATION_IMAGES)
         logger.info("%s: observers calibrated on %d images", mode, seen)

@@ -7,8 +7,11 @@ expansion taps (forward pre-hooks on timm's ``conv_pwl``) must survive all of th
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -259,6 +262,112 @@ def snap_biases(int8_model: nn.Module) -> int:
     return len(input_scales)
 
 
+class Int8KernelError(ValueError):
+    """A module of an int8 region has no int8 kernel in eager mode; names the module, its path and what to do."""
+
+
+def check_int8_kernels(prepared: nn.Module) -> None:
+    """Convert a copy of ``prepared`` (``prepare``'s output, calibrated or not) and run every int8 region once, so
+    that a module without an int8 kernel (timm's MixedConv2d followed by its norm, CondConv2d, Conv2dSame) fails
+    in seconds with :class:`Int8KernelError`, not after calibration or QAT. ``prepared`` is left as it was."""
+    with warnings.catch_warnings():
+        # Observers that saw no data yet give default ranges: enough to find the kernels.
+        warnings.filterwarnings("ignore", message="must run observer before calling", category=UserWarning)
+        convert(copy.deepcopy(prepared))
+
+
+@contextmanager
+def _naming_the_module_without_int8_kernel(model: nn.Module) -> Iterator[None]:
+    """Turn torch's "Could not run 'aten::...' with arguments from the 'QuantizedCPU' backend" inside ``model``
+    into :class:`Int8KernelError` naming the innermost module that was running."""
+    names = {module: name for name, module in model.named_modules()}
+    hooked = {record.module for record in audit_hooks(model)}  # the user's hooks, before ours join them
+    running: list[nn.Module] = []
+
+    def enter(module: nn.Module, args: Any) -> None:
+        running.append(module)
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:  # None: the output stays as it is
+        running.pop()
+
+    handles = [hook for module in names
+               for hook in (module.register_forward_pre_hook(enter), module.register_forward_hook(leave))]
+    try:
+        yield
+    except NotImplementedError as exc:
+        if "QuantizedCPU" not in str(exc) or not running:
+            raise
+        raise Int8KernelError(_describe_missing_kernel(model, names, hooked, running[-1], str(exc))) from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _describe_missing_kernel(model: nn.Module, names: dict[nn.Module, str], hooked: set[str], module: nn.Module,
+                             error: str) -> str:
+    """The error line: the unsupported module (or the conv that left a norm unfused) and the way out: every module
+    that has to stay in float, as QUANTIZATION.FLOAT_MODULES takes them, unless one of them carries hooks (the
+    BiFPN's feature taps), which would see float tensors inside a float island; then only the PT2E engine."""
+    operator = error.split("'")[1] if error.count("'") >= 2 else "an operator"
+    path = names[module]
+    previous = _neighbour(model, path, -1)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and previous is not None and type(previous[1]) not in (
+            nn.Conv2d, nn.Linear):
+        # A norm left unfused behind a conv that fusion does not know (timm's MixedConv2d, whose torch.cat of int8
+        # splits would also mix their scales): that conv is the cause.
+        culprit, culprit_path = previous[1], previous[0]
+        message = (f"{type(culprit).__name__} at {_float_path(model, culprit_path)} (the {type(module).__name__} "
+                   f"after it has no int8 kernel for {operator}: fusion folds a norm only into a plain Conv2d)")
+    else:
+        culprit, culprit_path = module, path
+        message = f"{type(module).__name__} at {_float_path(model, path)} (no int8 kernel for {operator})"
+    # Every module of that type goes float, with the norm after it (which then has no conv to fold into).
+    floats = []
+    for other, name in names.items():
+        if type(other) is type(culprit):
+            following = _neighbour(model, name, +1)
+            floats.append(name)
+            if following is not None and isinstance(following[1], nn.modules.batchnorm._BatchNorm):
+                floats.append(following[0])
+    listed = [_float_path(model, name) for name in floats]
+    tapped = [_float_path(model, name) for name in floats if name in hooked]
+    if tapped:
+        return (f"unsupported by the eager int8 engine: {message}. Quantize with --engine pt2e: {len(listed)} "
+                f"module(s) would have to stay in float, among them {_preview(tapped)}, whose hooks (the backbone's "
+                "feature taps) must see int8 tensors")
+    return (f"unsupported by the eager int8 engine: {message}. Keep the {len(listed)} module(s) it concerns in "
+            f"float, QUANTIZATION.FLOAT_MODULES \"{listed}\", or quantize with --engine pt2e")
+
+
+def _preview(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _neighbour(model: nn.Module, path: str, step: int) -> tuple[str, nn.Module] | None:
+    """(path, module) of the sibling registered ``step`` places from the module at ``path``, if any."""
+    parent_path, _, child = path.rpartition(".")
+    if not parent_path:
+        return None
+    siblings = list(model.get_submodule(parent_path).named_children())
+    position = [name for name, _ in siblings].index(child) + step
+    if not 0 <= position < len(siblings):
+        return None
+    return f"{parent_path}.{siblings[position][0]}", siblings[position][1]
+
+
+def _float_path(model: nn.Module, path: str) -> str:
+    """``path`` in the int8 model as the float model (and QUANTIZATION.FLOAT_MODULES) names it: without the
+    ``module`` attribute of the patch's wrappers."""
+    from fnl.qat.patch import DequantizeOutputs, FloatIsland, QuantizeInputs
+
+    kept, current = [], model
+    for part in path.split("."):
+        if not (part == "module" and isinstance(current, QuantizeInputs | DequantizeOutputs | FloatIsland)):
+            kept.append(part)
+        current = getattr(current, part)
+    return ".".join(kept)
+
+
 def _run_int8_regions(int8_model: nn.Module) -> None:
     """Every int8 region of the eager model once: the backbone and RPN head on a blank image, each RoI head from its
     pooler's quantization on random pooled features (the heads run whether or not anything is detected)."""
@@ -266,7 +375,7 @@ def _run_int8_regions(int8_model: nn.Module) -> None:
     from fnl.qat.regions import RegionModules
 
     side = 4 * max(int8_model.size_divisibility, 32)  # room for every pyramid level
-    with eval_mode(int8_model):
+    with eval_mode(int8_model), _naming_the_module_without_int8_kernel(int8_model):
         features = int8_model.backbone(torch.zeros(1, 3, side, side))
         rpn = int8_model.proposal_generator
         rpn.rpn_head([features[name] for name in rpn.in_features])

@@ -104,11 +104,10 @@ def quantize_and_report(ckpt: str | Path, output: str | Path, config: str | None
     for stale in remove_stale_temporaries(output):
         logger.info("removed %s, left by an interrupted write", stale)
     torch.set_num_threads(threads)
-    rows = [measure("PyTorch float32", "pytorch", "float32", "float", float_model, cfg,
-                    model_file_megabytes(float_model, output / "model_fp32.pth", cfg))[0]]
 
     mode = cfg.QUANTIZATION.MODE
     int8_name, ptq_name = int8_checkpoint_names(engine)
+    # Quantize before measuring the float model: what the int8 engine cannot run fails in seconds, not minutes.
     try:
         result = quantize(float_model, cfg, mode, output, resume, engine)
     except NonFiniteLossError as exc:
@@ -119,7 +118,9 @@ def quantize_and_report(ckpt: str | Path, output: str | Path, config: str | None
     finally:
         # fnl.qat.train saves every QUANTIZATION.CHECKPOINT_PERIOD iterations and keeps them all.
         prune_periodic_checkpoints(output, keep, prefix=QAT_PREFIX)
-    rows.append(int8_row(result, cfg, output / int8_name))
+    rows = [measure("PyTorch float32", "pytorch", "float32", "float", float_model, cfg,
+                    model_file_megabytes(float_model, output / "model_fp32.pth", cfg))[0],
+            int8_row(result, cfg, output / int8_name)]
     if mode == "qat" and ptq_baseline:
         rows.append(int8_row(quantize(float_model, cfg, "ptq", engine=engine), cfg, output / ptq_name))
 
