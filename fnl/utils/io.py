@@ -90,14 +90,18 @@ def check_output_dir(path: str | Path) -> Path:
     return path
 
 
-# Write failures that say something about the disk or its permissions, not about the program.
-DISK_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
-                         errno.EISDIR, errno.EFBIG})
+# Failures that say something about the disk or its permissions, not about the program: the first only happen
+# when writing, the second when reading or writing.
+WRITE_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+ACCESS_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR})
 
 
 def describe_disk_error(exc: OSError) -> str | None:
-    """One line for a write that failed because of the disk (full, read-only, no permission), else None."""
-    if exc.errno not in DISK_ERRNOS:
-        return None
-    where = exc.filename if exc.filename is not None else "an output file"
-    return f"cannot write {where}: {exc.strerror or exc}"
+    """One line for an I/O call that failed because of the disk (full, read-only, no permission), else None."""
+    if exc.errno in WRITE_ERRNOS:
+        where = exc.filename if exc.filename is not None else "an output file"
+        return f"cannot write {where}: {exc.strerror or exc}"
+    if exc.errno in ACCESS_ERRNOS:
+        where = exc.filename if exc.filename is not None else "a file"
+        return f"cannot access {where}: {exc.strerror or exc}"
+    return None

@@ -58,6 +58,13 @@ def test_a_disk_that_fills_during_the_run_is_one_line(capsys):
     assert capsys.readouterr().err == "fnl-x: error: cannot write an output file: No space left on device\n"
 
 
+def test_a_path_through_a_regular_file_is_one_line_naming_it(tmp_path, capsys):
+    blocker = tmp_path / "weights.pth"
+    blocker.write_bytes(b"")
+    assert run_cli(lambda: (blocker / "config.yaml").read_bytes(), "fnl-x") == 2
+    assert capsys.readouterr().err == f"fnl-x: error: cannot access {blocker / 'config.yaml'}: Not a directory\n"
+
+
 def test_an_error_not_about_the_disk_keeps_its_traceback():
     def broken() -> int:
         raise OSError(5, "Input/output error")
