@@ -42,14 +42,16 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def run_cli(main: Callable[[], int | None], prog: str) -> int:
-    opened_before = set(logging.getLogger("fnl").handlers)
+    from fnl.utils.logging import close_log_files
+
+    close_log_files()  # a command logs into its own output only (several may run in one process)
 
     def fail(message: str) -> int:
-        """The error on stderr and, when the run had opened one, in its log.txt: a log must say why it ends."""
+        """The error on stderr and, when the run has one, in its log.txt: a log must say why it ends."""
         line = f"{prog}: error: {message}"
         print(line, file=sys.stderr)
         for handler in logging.getLogger("fnl").handlers:
-            if isinstance(handler, logging.FileHandler) and handler not in opened_before:
+            if isinstance(handler, logging.FileHandler):
                 handler.handle(logging.makeLogRecord({"name": "fnl", "levelno": logging.ERROR,
                                                       "levelname": "ERROR", "msg": line}))
         return 2

@@ -36,27 +36,31 @@ class NonFiniteLossError(FloatingPointError):
     """A loss (or the weights) became NaN or infinite; the message names the iteration and each loss term.
 
     ``last_good`` is the (file name, iteration) that ``run_iterations`` last passed to ``save`` whose weights then
-    gave a finite loss: weights saved after a step are only known good once a forward pass on them is finite."""
+    gave a finite loss: weights saved after a step are only known good once a forward pass on them is finite.
+    ``bad`` is the file name of the checkpoint it saved whose weights gave the non-finite loss, if any."""
 
-    def __init__(self, message: str, last_good: tuple[str, int] | None = None) -> None:
+    def __init__(self, message: str, last_good: tuple[str, int] | None = None, bad: str | None = None) -> None:
         super().__init__(message)
         self.last_good = last_good
+        self.bad = bad
 
 
 def rewind_to_last_good(exc: NonFiniteLossError, output_dir: Path, marker_name: str,
                         file_prefix: str = "") -> NonFiniteLossError:
     """Point ``output_dir/marker_name`` (what --resume reads) at the last checkpoint whose weights gave a finite
-    loss, or remove it when there is none, and return the error with that checkpoint named."""
+    loss; without one, a marker naming the checkpoint that diverged is removed (any other is left as it was). Returns
+    the error with that checkpoint named."""
     marker = output_dir / marker_name
     if exc.last_good is None:
-        marker.unlink(missing_ok=True)
+        if exc.bad is not None and marker.is_file() and marker.read_text().strip() == file_prefix + exc.bad:
+            marker.unlink()
         advice = "no checkpoint of this run had weights that gave a finite loss"
     else:
         name, iteration = exc.last_good
         write_text_atomic(marker, file_prefix + name)
         advice = (f"the last checkpoint whose weights gave a finite loss is {output_dir / (file_prefix + name)} "
                   f"(iteration {iteration}); --resume continues from it")
-    return NonFiniteLossError(f"{exc}; {advice}", exc.last_good)
+    return NonFiniteLossError(f"{exc}; {advice}", exc.last_good, exc.bad)
 
 
 def weights_finite(model: nn.Module) -> bool:
@@ -231,7 +235,9 @@ def run_iterations(model: nn.Module, batches: Iterator[list[dict]], optimizer: t
         try:
             total = check_losses_finite(losses, iteration)
         except NonFiniteLossError as exc:
-            raise NonFiniteLossError(str(exc), last_good) from None
+            # Only a checkpoint of this run counts as bad: the one resumed from stays for the user to decide.
+            bad = unconfirmed[0] if unconfirmed is not None and unconfirmed != resumed_from else None
+            raise NonFiniteLossError(str(exc), last_good, bad) from None
         if unconfirmed is not None:
             last_good, unconfirmed = unconfirmed, None
         optimizer.zero_grad(set_to_none=True)

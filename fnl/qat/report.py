@@ -111,9 +111,6 @@ def quantize_and_report(ckpt: str | Path, output: str | Path, config: str | None
     try:
         result = quantize(float_model, cfg, mode, output, resume, engine)
     except NonFiniteLossError as exc:
-        # Without a checkpoint known good, the marker stays: it may name the one this run resumed from.
-        if exc.last_good is None:
-            raise
         raise rewind_to_last_good(exc, output, QAT_LAST_CHECKPOINT, file_prefix=QAT_PREFIX) from None
     finally:
         # fnl.qat.train saves every QUANTIZATION.CHECKPOINT_PERIOD iterations and keeps them all.

@@ -25,6 +25,15 @@ class _CurrentStderrHandler(logging.StreamHandler):
         pass
 
 
+def close_log_files(name: str = "fnl", keep: Path | None = None) -> None:
+    """Stop logger ``name`` writing to its log files (all but ``keep``)."""
+    logger = logging.getLogger(name)
+    for handler in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
+        if keep is None or Path(handler.baseFilename) != keep:
+            logger.removeHandler(handler)
+            handler.close()
+
+
 def setup_logger(output_dir: str | Path | None = None, name: str = "fnl", filename: str = "log.txt") -> logging.Logger:
     logger = logging.getLogger(name)
     logger.setLevel(logging.INFO)
@@ -37,6 +46,8 @@ def setup_logger(output_dir: str | Path | None = None, name: str = "fnl", filena
     if output_dir is not None:
         log_path = (Path(output_dir) / filename).resolve()
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        # One log file at a time: a process running several stages (fnl-demo, tests) logs each into its own only.
+        close_log_files(name, keep=log_path)
         if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == log_path for h in logger.handlers):
             file_handler = logging.FileHandler(log_path)
             file_handler.setFormatter(logging.Formatter(_FORMAT))

@@ -91,3 +91,20 @@ def test_a_diverging_run_logs_why_and_resumes_from_weights_that_gave_a_finite_lo
     weights = read_checkpoint(output / good)["model"]
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
     assert err in (output / "log.txt").read_text()
+
+
+def test_a_checkpoint_resumed_from_that_diverges_at_once_stays_the_resume_point(tiny_dataset, tmp_path, capsys):
+    output = tmp_path / "train"
+    common = ["--config", "test_tiny", "--output", str(output), "--no-eval", "DATASETS.ROOT", str(tiny_dataset),
+              "SOLVER.CHECKPOINT_PERIOD", "1", "SOLVER.STEPS", "[100]"]
+    assert fnl.cli.train.main([*common, "SOLVER.MAX_ITER", "2"]) == 0
+    data = torch.load(output / "model_final.pth", weights_only=True)
+    weight = next(k for k, v in data["model"].items() if k.endswith("conv_stem.weight"))
+    data["model"][weight] = torch.full_like(data["model"][weight], float("inf"))
+    torch.save(data, output / "model_final.pth")
+    capsys.readouterr()
+    assert fnl.cli.train.main(["--resume", *common, "SOLVER.MAX_ITER", "5"]) == 2
+    assert "loss is not finite at iteration 2" in capsys.readouterr().err
+    assert "no checkpoint of this run had weights that gave a finite loss" in (output / "log.txt").read_text()
+    # Left for the user to decide: --resume must not silently start over from iteration 0.
+    assert (output / "last_checkpoint").read_text() == "model_final.pth"
