@@ -53,7 +53,10 @@ def main() -> None:
     parser.add_argument("--data", help="dataset root (default: the embedded synthetic set)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[200, 400, 512, 600])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[200, 400, 512, 600],
+                        help="input-size sweep (Table 4); none to skip it")
+    parser.add_argument("--max-people", type=int, default=5,
+                        help="people-per-image sweep 1..N (Table 5); 0 to skip it")
     parser.add_argument("--output", default=str(DOCS / "BENCHMARKS.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -90,7 +93,7 @@ def main() -> None:
         sections.append(format_report_markdown(sweep[size], size, args.threads, f"Input size {size} px (Table 4)"))
     cfg = next(iter(models.values()))[1]
     people = {}
-    for max_people in range(1, 6):
+    for max_people in range(1, args.max_people + 1):
         subset = people_split(cfg, max_people)
         people[max_people] = rows_at(models, data_root, args.size, subset)
         sections.append(format_report_markdown(people[max_people], args.size, args.threads,

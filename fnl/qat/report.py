@@ -25,12 +25,11 @@ from fnl.export.report import ReportRow, file_megabytes, write_report
 from fnl.qat.patch import format_islands
 from fnl.qat.pipeline import QuantizationResult, quantize
 from fnl.qat.serialization import save_int8_checkpoint
-from fnl.qat.train import QAT_LAST_CHECKPOINT
+from fnl.qat.train import QAT_LAST_CHECKPOINT, QAT_PREFIX
 from fnl.utils.io import remove_stale_temporaries
 from fnl.utils.logging import setup_logger
 
 logger = logging.getLogger("fnl")
-QAT_PREFIX = "qat_"  # fnl.qat.train's checkpoints: this prefix + the training loop's file name
 
 
 def resolve_config(ckpt: str | Path, config: str | None, overrides: Sequence[str], allow_unsafe: bool) -> CfgNode:

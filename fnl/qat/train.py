@@ -10,13 +10,20 @@ from pathlib import Path
 from torch import nn
 
 from fnl.config import CfgNode
-from fnl.engine.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from fnl.engine.checkpoint import (
+    CheckpointError,
+    checkpoints_kept,
+    prune_periodic_checkpoints,
+    read_checkpoint,
+    save_checkpoint,
+)
 from fnl.engine.train import build_optimizer, build_scheduler, resume_path, run_iterations
 from fnl.qat.quantize import apply_frozen_state, freeze_schedule
 from fnl.utils.io import write_text_atomic
 
 logger = logging.getLogger("fnl")
 QAT_LAST_CHECKPOINT = "last_qat_checkpoint"
+QAT_PREFIX = "qat_"  # QAT checkpoints: this prefix + the training loop's file name
 
 
 def qat_solver_config(cfg: CfgNode) -> CfgNode:
@@ -56,15 +63,20 @@ def quantization_aware_training(prepared: nn.Module, cfg: CfgNode, output_dir: s
         logger.info("resuming QAT from %s at iteration %d", checkpoint, start_iter)
     scheduler = build_scheduler(qat_cfg, optimizer, start_iter)
 
+    keep = checkpoints_kept(cfg, "QUANTIZATION.CHECKPOINTS_KEPT")
+
     def save(name: str, iteration: int) -> None:
-        save_checkpoint(output_dir / f"qat_{name}", prepared, cfg, iteration, optimizer=optimizer.state_dict(),
+        save_checkpoint(output_dir / f"{QAT_PREFIX}{name}", prepared, cfg, iteration,
+                        optimizer=optimizer.state_dict(),
                         quantization={"stage": "qat", "backend": cfg.QUANTIZATION.BACKEND})
-        write_text_atomic(output_dir / QAT_LAST_CHECKPOINT, f"qat_{name}")
+        write_text_atomic(output_dir / QAT_LAST_CHECKPOINT, f"{QAT_PREFIX}{name}")
+        prune_periodic_checkpoints(output_dir, keep, prefix=QAT_PREFIX)
 
     history = run_iterations(
         prepared, iter(build_train_loader(cfg)), optimizer, scheduler, range(start_iter, qat_cfg.SOLVER.MAX_ITER),
         clip_gradients=cfg.SOLVER.CLIP_GRADIENTS, checkpoint_period=qat_cfg.SOLVER.CHECKPOINT_PERIOD, save=save,
         on_iteration=freeze_schedule(prepared, cfg), description="qat",
+        resumed_from=(checkpoint.name, start_iter - 1) if checkpoint is not None else None,
     )
     save("model_final.pth", qat_cfg.SOLVER.MAX_ITER - 1)
     return history
