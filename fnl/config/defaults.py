@@ -101,6 +101,21 @@ _C.MODEL.ROI_DENSEPOSE_HEAD.POINT_REGRESSION_WEIGHTS = 0.01
 _C.MODEL.ROI_DENSEPOSE_HEAD.PART_WEIGHTS = 1.0
 _C.MODEL.ROI_DENSEPOSE_HEAD.INDEX_WEIGHTS = 5.0  # weight of the coarse segmentation loss, as in detectron2
 
+# detectron2's ResNet (fnl.modeling.resnet), used when MODEL.BACKBONE.NAME is "build_resnet_backbone" or
+# "build_resnet_fpn_backbone" as in detectron2's configs; the timm backbones ignore this section. Defaults are
+# detectron2's except OUT_FEATURES: fnl builds FPN models only, which take res2..res5.
+_C.MODEL.RESNETS = CfgNode()
+_C.MODEL.RESNETS.DEPTH = 50  # 50 | 101 | 152
+_C.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+_C.MODEL.RESNETS.NUM_GROUPS = 1  # > 1: ResNeXt
+_C.MODEL.RESNETS.NORM = "FrozenBN"  # "FrozenBN" | "BN" | "SyncBN"
+_C.MODEL.RESNETS.WIDTH_PER_GROUP = 64
+# True for MSRA's (detectron2's ImageNet) weights: a stage's stride in its first 1x1 conv; False: in the 3x3 conv.
+_C.MODEL.RESNETS.STRIDE_IN_1X1 = True
+_C.MODEL.RESNETS.RES5_DILATION = 1  # 1 | 2 (res5 then keeps stride 16)
+_C.MODEL.RESNETS.RES2_OUT_CHANNELS = 256
+_C.MODEL.RESNETS.STEM_OUT_CHANNELS = 64
+
 _C.INPUT = CfgNode()
 _C.INPUT.FORMAT = "RGB"
 _C.INPUT.MIN_SIZE_TRAIN = [640, 672, 704, 736, 768, 800]

@@ -11,6 +11,7 @@ from timm.layers import convert_sync_batchnorm, freeze_batch_norm_2d
 from torch import nn
 
 from fnl.config import CfgNode
+from fnl.modeling.resnet import DETECTRON2_RESNET_BUILDERS, build_detectron2_resnet
 
 
 def create_bottom_up(name: str, out_indices: list[int], feature_location: str = "bottleneck",
@@ -66,5 +67,8 @@ def feature_names(bottom_up: nn.Module) -> list[str]:
 
 
 def build_bottom_up(cfg: CfgNode) -> nn.Module:
+    """A timm model by name, or detectron2's ResNet (``MODEL.RESNETS``) under detectron2's builder names."""
     b = cfg.MODEL.BACKBONE
+    if b.NAME in DETECTRON2_RESNET_BUILDERS:
+        return build_detectron2_resnet(cfg)
     return create_bottom_up(b.NAME, b.OUT_INDICES, b.FEATURE_LOCATION, b.PRETRAINED, b.FREEZE_AT, b.NORM)
