@@ -1,0 +1,42 @@
+"""fnl-convert --from detectron2 --ckpt FILE --output model.pth [--config FILE] [KEY VALUE ...]: a checkpoint
+trained with detectron2's DensePose (its model zoo's model_final_*.pkl) as an fnl checkpoint for fnl-quantize,
+fnl-export and fnl-eval. Checkpoint keys the model does not use are listed by name, each with the reason."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fnl.cli.common import add_config_arguments, config_from_args, run_cli
+
+DEFAULT_CONFIG = {"detectron2": "densepose_rcnn_R_50_FPN_s1x"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fnl-convert", description=__doc__)
+    parser.add_argument("--from", dest="source", choices=sorted(DEFAULT_CONFIG), required=True,
+                        help="the framework that wrote --ckpt")
+    parser.add_argument("--ckpt", required=True, help="the checkpoint to convert (.pkl or .pth)")
+    parser.add_argument("--output", required=True, help="the fnl checkpoint to write (.pth), with its config")
+    parser.add_argument("--input-format", choices=["BGR", "RGB"], default="BGR",
+                        help="channel order the model was trained on (detectron2's INPUT.FORMAT, default BGR); "
+                             "fnl takes RGB, so a BGR model's first conv gets its input channels reversed")
+    parser.add_argument("--unsafe-load", action="store_true",
+                        help="load a checkpoint that holds arbitrary pickled objects (only for trusted files)")
+    add_config_arguments(parser, required=False)
+    args = parser.parse_args(argv)
+
+    def run() -> int:
+        from fnl.engine.convert import convert_checkpoint
+
+        args.config = args.config or DEFAULT_CONFIG[args.source]
+        cfg = config_from_args(args, ["MODEL.DEVICE", "cpu"])
+        report = convert_checkpoint(args.ckpt, cfg, args.output, args.source, args.input_format, args.unsafe_load)
+        print(report.summary())
+        return 0
+
+    return run_cli(run, "fnl-convert")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

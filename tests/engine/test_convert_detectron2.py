@@ -1,0 +1,131 @@
+"""detectron2 DensePose model-zoo checkpoints into fnl: key/shape parity with the upstream model, and fnl-convert
+on a synthetic checkpoint written in the model zoo's format."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fnl.cli.convert import main as convert_main
+from fnl.config import load_config
+from fnl.engine.checkpoint import CheckpointError, load_state, read_checkpoint
+from fnl.engine.convert import convert_checkpoint, detectron2_to_fnl_name, detectron2_unused_reason
+from fnl.modeling import build_model
+
+FIXTURE = Path(__file__).parents[1] / "assets" / "detectron2_densepose_rcnn_R_50_FPN_s1x_keys.json"
+UPSTREAM = json.loads(FIXTURE.read_text())["keys"]  # built by tests/assets/make_detectron2_densepose_keys.py
+CONFIG = "densepose_rcnn_R_50_FPN_s1x"
+# Small inputs and few detections: the 8-conv, 512-channel DensePose head on 28x28 RoIs is costly on 2 cores.
+SMALL = ["MODEL.ROI_HEADS.DETECTIONS_PER_IMAGE", "3", "MODEL.RPN.POST_NMS_TOPK_TEST", "100"]
+# detectron2's MODEL.PIXEL_MEAN, in its BGR channel order.
+DETECTRON2_BGR_MEAN = "[103.530, 116.280, 123.675]"
+PREDICTORS = ("objectness_logits", "anchor_deltas", "cls_score", "bbox_pred")
+
+
+@pytest.fixture(scope="module")
+def s1x_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(load_config(CONFIG, SMALL)).eval()
+
+
+def test_s1x_model_has_every_upstream_key_and_shape_and_only_the_decoder_is_left_out(s1x_model):
+    target = {k: list(v.shape) for k, v in s1x_model.state_dict().items()}
+    mapped = {detectron2_to_fnl_name(k): k for k in UPSTREAM}
+    assert len(mapped) == len(UPSTREAM)  # no two upstream keys land on one fnl key
+    unmatched = sorted(mapped[k] for k in set(mapped) - set(target))
+    assert set(target) <= set(mapped), f"fnl keys with no upstream weight: {sorted(set(target) - set(mapped))}"
+    for fnl_key, upstream_key in mapped.items():
+        if fnl_key in target:
+            assert target[fnl_key] == UPSTREAM[upstream_key], upstream_key
+    # Left out, each with its reason: detectron2 DensePose's decoder (DECODER_ON), 7 convs + predictor.
+    assert unmatched == sorted(k for k in UPSTREAM if k.startswith("roi_heads.decoder."))
+    assert len(unmatched) == 16 and all("decoder" in detectron2_unused_reason(k) for k in unmatched)
+
+
+def write_model_zoo_pickle(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random float32 arrays under the upstream keys, pickled as detectron2's model-zoo .pkl files are."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for key, shape in UPSTREAM.items():
+        if key.endswith("running_var"):
+            array = rng.uniform(0.5, 1.5, shape)
+        elif key.endswith("norm.weight"):
+            array = rng.uniform(0.5, 1.0, shape)
+        elif len(shape) > 1:  # weights scaled by fan-in so 50 layers keep activations in range
+            array = rng.normal(0.0, (1.0 / np.prod(shape[1:])) ** 0.5, shape)
+            if any(part in key for part in PREDICTORS):  # small deltas and logits: boxes near anchors, varied scores
+                array *= 1e-3
+        else:
+            array = rng.normal(0.0, 0.05, shape)
+        arrays[key] = array.astype(np.float32)
+    with open(path, "wb") as handle:
+        pickle.dump({"model": arrays, "__author__": "Detectron2 Model Zoo"}, handle)
+    return arrays
+
+
+def upstream_head_key_in_fnl(key: str) -> str:
+    """body_conv_fcnN (N from 1) is the N-th conv of fnl's head Sequential; every other key keeps its name."""
+    match = re.fullmatch(r"roi_heads\.densepose_head\.body_conv_fcn(\d+)\.(weight|bias)", key)
+    return f"roi_heads.densepose_head.body.{int(match[1]) - 1}.0.{match[2]}" if match else key
+
+
+def test_fnl_convert_writes_a_checkpoint_that_computes_what_the_upstream_weights_compute(tmp_path, s1x_model, capsys):
+    source = tmp_path / "model_final_162be9.pkl"
+    arrays = write_model_zoo_pickle(source)
+    output = tmp_path / "out" / "model.pth"
+    assert convert_main(["--from", "detectron2", "--ckpt", str(source), "--output", str(output), *SMALL]) == 0
+    printed = capsys.readouterr().out
+    assert "roi_heads.decoder.p5.4.weight: detectron2 DensePose's decoder" in printed
+    assert "319 tensors converted" in printed
+
+    converted = build_model(load_config(CONFIG, SMALL)).eval()
+    report = load_state(converted, output, strict=True)
+    assert report.loaded == len(converted.state_dict())
+    assert read_checkpoint(output)["config"]  # carries its config: fnl-quantize --ckpt needs no --config
+
+    # The same weights loaded directly, as detectron2 would run them: BGR images, BGR means, stem as written.
+    direct = build_model(load_config(CONFIG, [*SMALL, "MODEL.PIXEL_MEAN", DETECTRON2_BGR_MEAN])).eval()
+    state = {upstream_head_key_in_fnl(k): torch.from_numpy(v) for k, v in arrays.items()
+             if not k.startswith("roi_heads.decoder.")}
+    assert not direct.load_state_dict(state, strict=True).missing_keys
+
+    g = torch.Generator().manual_seed(1)
+    image = torch.randint(0, 256, (3, 128, 160), generator=g, dtype=torch.uint8)
+    with torch.no_grad():
+        (ours,) = converted([{"image": image}])
+        (theirs,) = direct([{"image": image.flip(0)}])  # RGB -> BGR
+        ours_features = converted.backbone(converted.preprocess_image([{"image": image}])[0])
+        theirs_features = direct.backbone(direct.preprocess_image([{"image": image.flip(0)}])[0])
+    for level, feature in ours_features.items():
+        torch.testing.assert_close(feature, theirs_features[level], rtol=1e-4, atol=1e-3)
+    assert len(ours["boxes"]) == 3
+    torch.testing.assert_close(ours["boxes"], theirs["boxes"], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(ours["scores"], theirs["scores"], rtol=1e-4, atol=1e-5)
+    for name in ("coarse_segm", "fine_segm", "u", "v"):
+        assert ours["densepose"][name].shape[-1] == 112
+        torch.testing.assert_close(ours["densepose"][name], theirs["densepose"][name], rtol=1e-4, atol=1e-4)
+
+
+def test_a_checkpoint_missing_model_weights_is_refused_naming_them(tmp_path):
+    source = tmp_path / "partial.pkl"
+    arrays = write_model_zoo_pickle(source)
+    del arrays["roi_heads.box_predictor.bbox_pred.weight"]
+    with open(source, "wb") as handle:
+        pickle.dump({"model": arrays, "__author__": "Detectron2 Model Zoo"}, handle)
+    output = tmp_path / "model.pth"
+    with pytest.raises(CheckpointError, match=r"partial\.pkl lacks 1 weights .*roi_heads\.box_predictor\.bbox_pred"):
+        convert_checkpoint(source, load_config(CONFIG, SMALL), output)
+    assert not output.exists()
+
+
+def test_a_pickle_that_would_run_code_is_refused_before_conversion(tmp_path):
+    source = tmp_path / "evil.pkl"
+    source.write_bytes(pickle.dumps({"model": {"x": Path("/")}}, protocol=2))
+    with pytest.raises(CheckpointError, match=r"evil\.pkl is a pickle holding objects other than numpy arrays"):
+        convert_checkpoint(source, load_config(CONFIG, SMALL), tmp_path / "model.pth")
