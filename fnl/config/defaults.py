@@ -100,6 +100,13 @@ _C.MODEL.ROI_DENSEPOSE_HEAD.BATCH_SIZE_PER_IMAGE = 32  # RoIs per image that tra
 _C.MODEL.ROI_DENSEPOSE_HEAD.POINT_REGRESSION_WEIGHTS = 0.01
 _C.MODEL.ROI_DENSEPOSE_HEAD.PART_WEIGHTS = 1.0
 _C.MODEL.ROI_DENSEPOSE_HEAD.INDEX_WEIGHTS = 5.0  # weight of the coarse segmentation loss, as in detectron2
+# detectron2 DensePose's decoder: P2..P5 (IN_FEATURES) fused into one map at DECODER_COMMON_STRIDE before pooling.
+# Off by default (detectron2's default is on): the paper's models have none; its R_50_FPN_s1x model zoo entries do.
+_C.MODEL.ROI_DENSEPOSE_HEAD.DECODER_ON = False
+_C.MODEL.ROI_DENSEPOSE_HEAD.DECODER_NUM_CLASSES = 256  # output channels (the DensePose head's input)
+_C.MODEL.ROI_DENSEPOSE_HEAD.DECODER_CONV_DIMS = 256
+_C.MODEL.ROI_DENSEPOSE_HEAD.DECODER_NORM = ""  # "" | "BN"
+_C.MODEL.ROI_DENSEPOSE_HEAD.DECODER_COMMON_STRIDE = 4
 
 # detectron2's ResNet (fnl.modeling.resnet), used when MODEL.BACKBONE.NAME is "build_resnet_backbone" or
 # "build_resnet_fpn_backbone" as in detectron2's configs; the timm backbones ignore this section. Defaults are

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,17 +26,23 @@ SOURCES = ("detectron2",)
 INPUT_FORMATS = ("BGR", "RGB")
 STEM_WEIGHT = "backbone.bottom_up.stem.conv1.weight"
 
-# detectron2 name -> fnl name, applied in order (first match wins).
-DETECTRON2_RENAMES: tuple[tuple[re.Pattern[str], str], ...] = (
+# detectron2 name -> fnl name, applied in order (first match wins). fnl keeps conv + norm + ReLU as siblings in one
+# ConvNormAct (what fusion for int8 needs), where detectron2's Conv2d holds its norm and activation inside.
+DETECTRON2_RENAMES: tuple[tuple[re.Pattern[str], Callable[[re.Match[str]], str]], ...] = (
     # DensePoseV1ConvXHead registers body_conv_fcn1..N; fnl's head keeps them in one Sequential of ConvNormAct.
     (re.compile(r"^roi_heads\.densepose_head\.body_conv_fcn(\d+)\.(weight|bias)$"),
-     "roi_heads.densepose_head.body.{index}.0.{1}"),
+     lambda m: f"roi_heads.densepose_head.body.{int(m[1]) - 1}.0.{m[2]}"),
+    # The decoder's level heads: Sequential(Conv2d(norm, ReLU inside), Upsample, ...) -> ConvNormAct in each slot.
+    (re.compile(r"^roi_heads\.decoder\.(p\d+)\.(\d+)\.(weight|bias)$"),
+     lambda m: f"roi_heads.decoder.{m[1]}.{m[2]}.0.{m[3]}"),
+    (re.compile(r"^roi_heads\.decoder\.(p\d+)\.(\d+)\.norm\.(.+)$"),
+     lambda m: f"roi_heads.decoder.{m[1]}.{m[2]}.1.{m[3]}"),
 )
 
 # Checkpoint keys with no place in an fnl model, by prefix, and why.
 DETECTRON2_UNUSED: tuple[tuple[str, str], ...] = (
-    ("roi_heads.decoder.", "detectron2 DensePose's decoder (ROI_DENSEPOSE_HEAD.DECODER_ON: P2..P5 fused before the "
-                           "DensePose pooler) has no fnl counterpart yet; the converted model pools P2 directly"),
+    ("roi_heads.decoder.", "the checkpoint has detectron2 DensePose's decoder and --config does not: set "
+                           "MODEL.ROI_DENSEPOSE_HEAD.DECODER_ON True (and IN_FEATURES p2..p5) to use it"),
     ("pixel_mean", "fnl normalizes with MODEL.PIXEL_MEAN / PIXEL_STD from the config"),
     ("pixel_std", "fnl normalizes with MODEL.PIXEL_MEAN / PIXEL_STD from the config"),
 )
@@ -60,10 +67,10 @@ class ConversionReport:
 def detectron2_to_fnl_name(name: str) -> str:
     """The fnl state_dict key a detectron2 key loads into (most are the same)."""
     name = name.removeprefix("module.")
-    for pattern, template in DETECTRON2_RENAMES:
+    for pattern, rename in DETECTRON2_RENAMES:
         match = pattern.match(name)
         if match:
-            return template.format(*match.groups(), index=int(match.group(1)) - 1)
+            return rename(match)
     return name
 
 

@@ -81,6 +81,39 @@ class DensePoseHead(nn.Module):
         return self.body(self.NLBlock(self.ASPP(x)))
 
 
+class DensePoseDecoder(nn.Module):
+    """detectron2 DensePose's decoder (ROI_DENSEPOSE_HEAD.DECODER_ON; Panoptic FPN's semantic head): each level
+    through 3x3 conv + ReLU and 2x bilinear up-sampling until it reaches ``common_stride``, the levels summed, then a
+    1x1 conv. The DensePose pooler then reads this one map. Children are named by level (``p2``, ``p3``...) and
+    ``predictor`` as in detectron2, so its weights keep their names up to each conv's place in ``ConvNormAct``."""
+
+    def __init__(self, in_features: list[str], strides: dict[str, int], in_channels: int, conv_dims: int,
+                 num_classes: int, common_stride: int, norm: str = "") -> None:
+        super().__init__()
+        too_fine = [f for f in in_features if strides[f] < common_stride]
+        if too_fine:
+            raise ValueError(f"MODEL.ROI_DENSEPOSE_HEAD.DECODER_COMMON_STRIDE {common_stride} is coarser than the "
+                             f"stride of {too_fine}; the decoder only up-samples")
+        self.in_features = list(in_features)
+        for name in self.in_features:
+            ops: list[nn.Module] = []
+            for k in range(max(1, strides[name].bit_length() - common_stride.bit_length())):
+                ops.append(ConvNormAct(in_channels if k == 0 else conv_dims, conv_dims, 3, norm=norm))
+                if strides[name] != common_stride:
+                    ops.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+            self.add_module(name, nn.Sequential(*ops))
+        self.predictor = nn.Conv2d(conv_dims, num_classes, 1)
+        self.adds = nn.ModuleList(FloatFunctional() for _ in self.in_features[1:])  # int8 adds once quantized
+        self.out_channels = num_classes
+        init_conv_weights(self)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        out = getattr(self, self.in_features[0])(features[0])
+        for name, feature, add in zip(self.in_features[1:], features[1:], self.adds, strict=True):
+            out = add.add(out, getattr(self, name)(feature))
+        return self.predictor(out)
+
+
 @dataclass
 class DensePoseOutput:
     """Head outputs on the heatmap grid of each box: logits for segmentations, raw U/V per part."""

@@ -9,7 +9,12 @@ from torchvision.models.detection._utils import BalancedPositiveNegativeSampler,
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
 from fnl.config import CfgNode
-from fnl.modeling.densepose import DensePoseLoss, DensePoseOutput, build_densepose_head_and_predictor
+from fnl.modeling.densepose import (
+    DensePoseDecoder,
+    DensePoseLoss,
+    DensePoseOutput,
+    build_densepose_head_and_predictor,
+)
 from fnl.modeling.poolers import ROIPooler
 from fnl.modeling.rpn import BBOX_XFORM_CLIP, _box_regression_loss
 
@@ -90,10 +95,17 @@ class DensePoseROIHeads(nn.Module):
         self.densepose_on = cfg.MODEL.DENSEPOSE_ON
         if self.densepose_on:
             self.densepose_in_features = list(dp.IN_FEATURES)
-            self.densepose_pooler = ROIPooler(dp.POOLER_RESOLUTION,
-                                              [strides[f] for f in self.densepose_in_features],
-                                              dp.POOLER_SAMPLING_RATIO, dp.POOLER_TYPE)
-            self.densepose_head, self.densepose_predictor = build_densepose_head_and_predictor(cfg, in_channels)
+            pooled_strides = [strides[f] for f in self.densepose_in_features]
+            head_channels = in_channels
+            self.decoder: DensePoseDecoder | None = None
+            if dp.DECODER_ON:
+                self.decoder = DensePoseDecoder(self.densepose_in_features, strides, in_channels,
+                                                dp.DECODER_CONV_DIMS, dp.DECODER_NUM_CLASSES,
+                                                dp.DECODER_COMMON_STRIDE, dp.DECODER_NORM)
+                pooled_strides, head_channels = [dp.DECODER_COMMON_STRIDE], self.decoder.out_channels
+            self.densepose_pooler = ROIPooler(dp.POOLER_RESOLUTION, pooled_strides, dp.POOLER_SAMPLING_RATIO,
+                                              dp.POOLER_TYPE)
+            self.densepose_head, self.densepose_predictor = build_densepose_head_and_predictor(cfg, head_channels)
             self.densepose_loss = DensePoseLoss(cfg)
             self.densepose_fg_iou = dp.FG_IOU_THRESHOLD
             self.densepose_batch_size = dp.BATCH_SIZE_PER_IMAGE
@@ -104,7 +116,10 @@ class DensePoseROIHeads(nn.Module):
         return self.box_head(pooled)
 
     def densepose_outputs(self, features: dict[str, torch.Tensor], boxes: list[torch.Tensor]) -> DensePoseOutput:
-        pooled = self.densepose_pooler([features[f] for f in self.densepose_in_features], boxes)
+        levels = [features[f] for f in self.densepose_in_features]
+        if self.decoder is not None:
+            levels = [self.decoder(levels)]
+        pooled = self.densepose_pooler(levels, boxes)
         return DensePoseOutput(*self.densepose_predictor(self.densepose_head(pooled)))
 
     def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],

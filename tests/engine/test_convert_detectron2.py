@@ -15,7 +15,7 @@ import torch
 from fnl.cli.convert import main as convert_main
 from fnl.config import load_config
 from fnl.engine.checkpoint import CheckpointError, load_state, read_checkpoint
-from fnl.engine.convert import convert_checkpoint, detectron2_to_fnl_name, detectron2_unused_reason
+from fnl.engine.convert import convert_checkpoint, detectron2_to_fnl_name
 from fnl.modeling import build_model
 
 FIXTURE = Path(__file__).parents[1] / "assets" / "detectron2_densepose_rcnn_R_50_FPN_s1x_keys.json"
@@ -34,18 +34,14 @@ def s1x_model() -> torch.nn.Module:
     return build_model(load_config(CONFIG, SMALL)).eval()
 
 
-def test_s1x_model_has_every_upstream_key_and_shape_and_only_the_decoder_is_left_out(s1x_model):
+def test_s1x_model_has_exactly_the_upstream_keys_and_shapes(s1x_model):
     target = {k: list(v.shape) for k, v in s1x_model.state_dict().items()}
     mapped = {detectron2_to_fnl_name(k): k for k in UPSTREAM}
     assert len(mapped) == len(UPSTREAM)  # no two upstream keys land on one fnl key
-    unmatched = sorted(mapped[k] for k in set(mapped) - set(target))
-    assert set(target) <= set(mapped), f"fnl keys with no upstream weight: {sorted(set(target) - set(mapped))}"
+    assert sorted(set(target) - set(mapped)) == [], "fnl keys with no upstream weight"
+    assert sorted(mapped[k] for k in set(mapped) - set(target)) == [], "upstream keys with no place in fnl"
     for fnl_key, upstream_key in mapped.items():
-        if fnl_key in target:
-            assert target[fnl_key] == UPSTREAM[upstream_key], upstream_key
-    # Left out, each with its reason: detectron2 DensePose's decoder (DECODER_ON), 7 convs + predictor.
-    assert unmatched == sorted(k for k in UPSTREAM if k.startswith("roi_heads.decoder."))
-    assert len(unmatched) == 16 and all("decoder" in detectron2_unused_reason(k) for k in unmatched)
+        assert target[fnl_key] == UPSTREAM[upstream_key], upstream_key
 
 
 def write_model_zoo_pickle(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
@@ -69,10 +65,14 @@ def write_model_zoo_pickle(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
     return arrays
 
 
-def upstream_head_key_in_fnl(key: str) -> str:
-    """body_conv_fcnN (N from 1) is the N-th conv of fnl's head Sequential; every other key keeps its name."""
-    match = re.fullmatch(r"roi_heads\.densepose_head\.body_conv_fcn(\d+)\.(weight|bias)", key)
-    return f"roi_heads.densepose_head.body.{int(match[1]) - 1}.0.{match[2]}" if match else key
+def upstream_key_in_fnl(key: str) -> str:
+    """Where fnl keeps each upstream weight: the N-th (from 1) body_conv_fcn is the (N-1)-th ConvNormAct of the
+    head's Sequential, a decoder conv is the first member of the ConvNormAct in its slot; other keys are the same."""
+    if match := re.fullmatch(r"roi_heads\.densepose_head\.body_conv_fcn(\d+)\.(weight|bias)", key):
+        return f"roi_heads.densepose_head.body.{int(match[1]) - 1}.0.{match[2]}"
+    if match := re.fullmatch(r"roi_heads\.decoder\.(p\d)\.(\d)\.(weight|bias)", key):
+        return f"roi_heads.decoder.{match[1]}.{match[2]}.0.{match[3]}"
+    return key
 
 
 def test_fnl_convert_writes_a_checkpoint_that_computes_what_the_upstream_weights_compute(tmp_path, s1x_model, capsys):
@@ -81,8 +81,7 @@ def test_fnl_convert_writes_a_checkpoint_that_computes_what_the_upstream_weights
     output = tmp_path / "out" / "model.pth"
     assert convert_main(["--from", "detectron2", "--ckpt", str(source), "--output", str(output), *SMALL]) == 0
     printed = capsys.readouterr().out
-    assert "roi_heads.decoder.p5.4.weight: detectron2 DensePose's decoder" in printed
-    assert "319 tensors converted" in printed
+    assert f"{len(UPSTREAM)} tensors converted" in printed and "not used" not in printed
 
     converted = build_model(load_config(CONFIG, SMALL)).eval()
     report = load_state(converted, output, strict=True)
@@ -91,8 +90,7 @@ def test_fnl_convert_writes_a_checkpoint_that_computes_what_the_upstream_weights
 
     # The same weights loaded directly, as detectron2 would run them: BGR images, BGR means, stem as written.
     direct = build_model(load_config(CONFIG, [*SMALL, "MODEL.PIXEL_MEAN", DETECTRON2_BGR_MEAN])).eval()
-    state = {upstream_head_key_in_fnl(k): torch.from_numpy(v) for k, v in arrays.items()
-             if not k.startswith("roi_heads.decoder.")}
+    state = {upstream_key_in_fnl(k): torch.from_numpy(v) for k, v in arrays.items()}
     assert not direct.load_state_dict(state, strict=True).missing_keys
 
     g = torch.Generator().manual_seed(1)
@@ -110,6 +108,17 @@ def test_fnl_convert_writes_a_checkpoint_that_computes_what_the_upstream_weights
     for name in ("coarse_segm", "fine_segm", "u", "v"):
         assert ours["densepose"][name].shape[-1] == 112
         torch.testing.assert_close(ours["densepose"][name], theirs["densepose"][name], rtol=1e-4, atol=1e-4)
+
+
+def test_decoder_weights_a_decoderless_config_cannot_use_are_listed_by_name_with_the_reason(tmp_path):
+    source = tmp_path / "model_final.pkl"
+    write_model_zoo_pickle(source)
+    cfg = load_config(CONFIG, [*SMALL, "MODEL.ROI_DENSEPOSE_HEAD.DECODER_ON", "False",
+                               "MODEL.ROI_DENSEPOSE_HEAD.IN_FEATURES", "['p2']"])
+    report = convert_checkpoint(source, cfg, tmp_path / "model.pth")
+    assert sorted(report.unused) == sorted(k for k in UPSTREAM if k.startswith("roi_heads.decoder."))
+    assert len(report.unused) == 16 and all("DECODER_ON True" in reason for reason in report.unused.values())
+    assert "roi_heads.decoder.p5.4.weight: the checkpoint has detectron2 DensePose's decoder" in report.summary()
 
 
 def test_a_checkpoint_missing_model_weights_is_refused_naming_them(tmp_path):
