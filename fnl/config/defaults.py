@@ -52,6 +52,9 @@ _C.MODEL.RPN.POST_NMS_TOPK_TRAIN = 1000  # per level, after NMS
 _C.MODEL.RPN.POST_NMS_TOPK_TEST = 1000  # per level, after NMS; the paper's "test-tuned" setting is 100
 _C.MODEL.RPN.NMS_THRESH = 0.7
 _C.MODEL.RPN.NMS_THRESH_TEST = 0.7  # the paper's "test-tuned" setting is 0.3
+# What POST_NMS_TOPK_* count: "level" (fnl's models: the top-k of each level) | "image" (detectron2's RPN: the
+# top-k over all levels of an image; its DensePose model zoo was trained and evaluated so).
+_C.MODEL.RPN.POST_NMS_TOPK_PER = "level"
 
 _C.MODEL.ROI_HEADS = CfgNode()
 _C.MODEL.ROI_HEADS.NUM_CLASSES = 1  # person

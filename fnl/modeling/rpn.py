@@ -70,6 +70,9 @@ class RPN(nn.Module):
         self.pre_nms_topk = {True: rpn.PRE_NMS_TOPK_TRAIN, False: rpn.PRE_NMS_TOPK_TEST}
         self.post_nms_topk = {True: rpn.POST_NMS_TOPK_TRAIN, False: rpn.POST_NMS_TOPK_TEST}
         self.nms_thresh = {True: rpn.NMS_THRESH, False: rpn.NMS_THRESH_TEST}
+        if rpn.POST_NMS_TOPK_PER not in ("level", "image"):
+            raise ValueError(f"MODEL.RPN.POST_NMS_TOPK_PER must be 'level' or 'image', got '{rpn.POST_NMS_TOPK_PER}'")
+        self.post_nms_topk_per_image = rpn.POST_NMS_TOPK_PER == "image"
 
     def forward(self, features: dict[str, torch.Tensor], image_sizes: list[tuple[int, int]],
                 gt_boxes: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
@@ -89,7 +92,8 @@ class RPN(nn.Module):
 
     def decode_proposals(self, anchors: list[torch.Tensor], logits: list[torch.Tensor], deltas: list[torch.Tensor],
                          image_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """Per level: top-k by objectness, decode, clip, NMS, keep the post-NMS top-k of that level.
+        """Per level: top-k by objectness, decode, clip, NMS, keep the post-NMS top-k of that level, or
+        (POST_NMS_TOPK_PER "image", detectron2's rule) the top-k of the image over all levels.
 
         The paper's "test-tuned" setting is POST_NMS_TOPK_TEST=100 per level with NMS_THRESH_TEST=0.3.
         Returns per image (R, 5) boxes XYXY with the objectness logit in the last column.
@@ -108,9 +112,13 @@ class RPN(nn.Module):
                 boxes, scores = boxes[valid], scores[valid]
                 keep = remove_small_boxes(boxes, 0.0)
                 boxes, scores = boxes[keep], scores[keep]
-                keep = batched_nms(boxes, scores, torch.zeros_like(scores, dtype=torch.int64), thresh)[:post_k]
+                keep = batched_nms(boxes, scores, torch.zeros_like(scores, dtype=torch.int64), thresh)
+                keep = keep if self.post_nms_topk_per_image else keep[:post_k]
                 kept.append(torch.cat([boxes[keep], scores[keep, None]], dim=1))
-            results.append(torch.cat(kept))
+            proposals = torch.cat(kept)
+            if self.post_nms_topk_per_image:
+                proposals = proposals[proposals[:, 4].topk(_topk_count(proposals[:, 4], post_k)).indices]
+            results.append(proposals)
         return results
 
     def losses(self, anchors: list[torch.Tensor], logits: list[torch.Tensor], deltas: list[torch.Tensor],
