@@ -4,6 +4,7 @@ on a synthetic checkpoint written in the model zoo's format."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 from pathlib import Path
@@ -138,3 +139,42 @@ def test_a_pickle_that_would_run_code_is_refused_before_conversion(tmp_path):
     source.write_bytes(pickle.dumps({"model": {"x": Path("/")}}, protocol=2))
     with pytest.raises(CheckpointError, match=r"evil\.pkl is a pickle holding objects other than numpy arrays"):
         convert_checkpoint(source, load_config(CONFIG, SMALL), tmp_path / "model.pth")
+
+
+def test_converted_model_computes_what_upstream_detectron2_computes(tmp_path, monkeypatch):
+    """Numerical parity with detectron2 itself, imported from its sources (pure Python, nothing compiled): the same
+    random weights in the upstream model and, converted, in fnl's; the same image (BGR upstream, RGB here)."""
+    source = os.environ.get("FNL_DETECTRON2_SRC")
+    if not source:
+        pytest.skip("FNL_DETECTRON2_SRC (a detectron2 source checkout, its Python dependencies importable: see "
+                    "tests/assets/make_detectron2_densepose_keys.py) is not set")
+    monkeypatch.syspath_prepend(str(Path(source) / "projects" / "DensePose"))
+    monkeypatch.syspath_prepend(source)
+    from densepose import add_densepose_config
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model as build_upstream_model
+
+    cfg = get_cfg()
+    add_densepose_config(cfg)
+    cfg.merge_from_file(str(Path(source) / "projects/DensePose/configs/densepose_rcnn_R_50_FPN_s1x.yaml"))
+    cfg.MODEL.DEVICE, cfg.TEST.DETECTIONS_PER_IMAGE, cfg.MODEL.RPN.POST_NMS_TOPK_TEST = "cpu", 3, 100
+    upstream = build_upstream_model(cfg).eval()
+    checkpoint = tmp_path / "model_final.pkl"
+    arrays = write_model_zoo_pickle(checkpoint)
+    upstream.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()}, strict=True)
+    fnl_cfg = load_config(CONFIG, SMALL)
+    convert_checkpoint(checkpoint, fnl_cfg, tmp_path / "model.pth")
+    converted = build_model(fnl_cfg).eval()
+    load_state(converted, tmp_path / "model.pth", strict=True)
+
+    image = torch.randint(0, 256, (3, 128, 160), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    with torch.no_grad():
+        (theirs,) = upstream([{"image": image.flip(0).float(), "height": 128, "width": 160}])
+        (ours,) = converted([{"image": image, "height": 128, "width": 160}])
+    theirs = theirs["instances"]
+    assert len(ours["boxes"]) == len(theirs) == 3
+    torch.testing.assert_close(ours["boxes"], theirs.pred_boxes.tensor, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(ours["scores"], theirs.scores, rtol=1e-4, atol=1e-5)
+    for name in ("coarse_segm", "fine_segm", "u", "v"):
+        torch.testing.assert_close(ours["densepose"][name], getattr(theirs.pred_densepose, name), rtol=1e-4,
+                                   atol=1e-3)
