@@ -1,6 +1,8 @@
 """fnl-convert --from detectron2 --ckpt FILE --output model.pth [--config FILE] [KEY VALUE ...]: a checkpoint
 trained with detectron2's DensePose (its model zoo's model_final_*.pkl) as an fnl checkpoint for fnl-quantize,
-fnl-export and fnl-eval. Checkpoint keys the model does not use are listed by name, each with the reason."""
+fnl-export and fnl-eval. --config takes an fnl config or the detectron2 YAML the model was trained with (default:
+configs/densepose_rcnn_R_50_FPN_s1x.yaml). Checkpoint keys the model does not use are listed by name, each with the
+reason."""
 
 from __future__ import annotations
 
@@ -18,20 +20,29 @@ def main(argv: list[str] | None = None) -> int:
                         help="the framework that wrote --ckpt")
     parser.add_argument("--ckpt", required=True, help="the checkpoint to convert (.pkl or .pth)")
     parser.add_argument("--output", required=True, help="the fnl checkpoint to write (.pth), with its config")
-    parser.add_argument("--input-format", choices=["BGR", "RGB"], default="BGR",
-                        help="channel order the model was trained on (detectron2's INPUT.FORMAT, default BGR); "
-                             "fnl takes RGB, so a BGR model's first conv gets its input channels reversed")
+    parser.add_argument("--input-format", choices=["BGR", "RGB"],
+                        help="channel order the model was trained on (detectron2's INPUT.FORMAT; default: the "
+                             "detectron2 config's, else BGR); fnl takes RGB, so a BGR model's first conv gets its "
+                             "input channels reversed")
     parser.add_argument("--unsafe-load", action="store_true",
                         help="load a checkpoint that holds arbitrary pickled objects (only for trusted files)")
     add_config_arguments(parser, required=False)
     args = parser.parse_args(argv)
 
     def run() -> int:
+        from fnl.config.detectron2 import is_detectron2_config, load_detectron2_config
         from fnl.engine.convert import convert_checkpoint
 
         args.config = args.config or DEFAULT_CONFIG[args.source]
-        cfg = config_from_args(args, ["MODEL.DEVICE", "cpu"])
-        report = convert_checkpoint(args.ckpt, cfg, args.output, args.source, args.input_format, args.unsafe_load)
+        input_format = args.input_format or "BGR"
+        if is_detectron2_config(args.config):  # the user's detectron2 YAML, as written
+            upstream = load_detectron2_config(args.config, ["MODEL.DEVICE", "cpu", *args.opts])
+            cfg, input_format = upstream.cfg, args.input_format or upstream.input_format
+            print(f"{args.config}: detectron2 config; {len(upstream.ignored)} keys ignored:")
+            print("\n".join(f"  {key}: {reason}" for key, reason in upstream.ignored.items()))
+        else:
+            cfg = config_from_args(args, ["MODEL.DEVICE", "cpu"])
+        report = convert_checkpoint(args.ckpt, cfg, args.output, args.source, input_format, args.unsafe_load)
         print(report.summary())
         return 0
 

@@ -15,7 +15,7 @@ import torch
 
 from fnl.cli.convert import main as convert_main
 from fnl.config import load_config
-from fnl.engine.checkpoint import CheckpointError, load_state, read_checkpoint
+from fnl.engine.checkpoint import CheckpointError, config_from_checkpoint, load_state, read_checkpoint
 from fnl.engine.convert import convert_checkpoint, detectron2_to_fnl_name
 from fnl.modeling import build_model
 
@@ -109,6 +109,19 @@ def test_fnl_convert_writes_a_checkpoint_that_computes_what_the_upstream_weights
     for name in ("coarse_segm", "fine_segm", "u", "v"):
         assert ours["densepose"][name].shape[-1] == 112
         torch.testing.assert_close(ours["densepose"][name], theirs["densepose"][name], rtol=1e-4, atol=1e-4)
+
+
+def test_fnl_convert_takes_the_upstream_yaml_as_written(tmp_path, capsys):
+    source = tmp_path / "model_final_162be9.pkl"
+    write_model_zoo_pickle(source)
+    upstream_yaml = FIXTURE.parent / "detectron2_configs" / "densepose_rcnn_R_50_FPN_s1x.yaml"
+    output = tmp_path / "model.pth"
+    assert convert_main(["--from", "detectron2", "--ckpt", str(source), "--output", str(output),
+                         "--config", str(upstream_yaml), *SMALL]) == 0
+    printed = capsys.readouterr().out
+    assert "detectron2 config; 5 keys ignored" in printed and "  MODEL.WEIGHTS: " in printed
+    assert f"{len(UPSTREAM)} tensors converted" in printed and "not used" not in printed
+    assert config_from_checkpoint(output).MODEL == load_config(CONFIG, SMALL).MODEL
 
 
 def test_decoder_weights_a_decoderless_config_cannot_use_are_listed_by_name_with_the_reason(tmp_path):
