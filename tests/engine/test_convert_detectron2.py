@@ -15,6 +15,7 @@ import torch
 
 from fnl.cli.convert import main as convert_main
 from fnl.config import load_config
+from fnl.config.detectron2 import load_detectron2_config
 from fnl.engine.checkpoint import CheckpointError, config_from_checkpoint, load_state, read_checkpoint
 from fnl.engine.convert import convert_checkpoint, detectron2_to_fnl_name
 from fnl.modeling import build_model
@@ -45,11 +46,13 @@ def test_s1x_model_has_exactly_the_upstream_keys_and_shapes(s1x_model):
         assert target[fnl_key] == UPSTREAM[upstream_key], upstream_key
 
 
-def write_model_zoo_pickle(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random float32 arrays under the upstream keys, pickled as detectron2's model-zoo .pkl files are."""
+def write_model_zoo_pickle(path: Path, seed: int = 0, shapes: dict[str, list[int]] | None = None
+                           ) -> dict[str, np.ndarray]:
+    """Random float32 arrays under the upstream keys (the s1x model's unless ``shapes``), pickled as detectron2's
+    model-zoo .pkl files are."""
     rng = np.random.default_rng(seed)
     arrays = {}
-    for key, shape in UPSTREAM.items():
+    for key, shape in (shapes or UPSTREAM).items():
         if key.endswith("running_var"):
             array = rng.uniform(0.5, 1.5, shape)
         elif key.endswith("norm.weight"):
@@ -154,9 +157,11 @@ def test_a_pickle_that_would_run_code_is_refused_before_conversion(tmp_path):
         convert_checkpoint(source, load_config(CONFIG, SMALL), tmp_path / "model.pth")
 
 
-def test_converted_model_computes_what_upstream_detectron2_computes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("config", ["densepose_rcnn_R_50_FPN_s1x", "densepose_rcnn_R_50_FPN_s1x_legacy"])
+def test_converted_model_computes_what_upstream_detectron2_computes(tmp_path, monkeypatch, config):
     """Numerical parity with detectron2 itself, imported from its sources (pure Python, nothing compiled): the same
-    random weights in the upstream model and, converted, in fnl's; the same image (BGR upstream, RGB here)."""
+    random weights in the upstream model and, converted, in fnl's built from the same upstream YAML; the same image
+    (BGR upstream, RGB here). The legacy model has no decoder and pools P2..P5 by box size."""
     source = os.environ.get("FNL_DETECTRON2_SRC")
     if not source:
         pytest.skip("FNL_DETECTRON2_SRC (a detectron2 source checkout, its Python dependencies importable: see "
@@ -167,15 +172,16 @@ def test_converted_model_computes_what_upstream_detectron2_computes(tmp_path, mo
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model as build_upstream_model
 
+    upstream_yaml = Path(source) / "projects" / "DensePose" / "configs" / f"{config}.yaml"
     cfg = get_cfg()
     add_densepose_config(cfg)
-    cfg.merge_from_file(str(Path(source) / "projects/DensePose/configs/densepose_rcnn_R_50_FPN_s1x.yaml"))
+    cfg.merge_from_file(str(upstream_yaml))
     cfg.MODEL.DEVICE, cfg.TEST.DETECTIONS_PER_IMAGE, cfg.MODEL.RPN.POST_NMS_TOPK_TEST = "cpu", 3, 100
     upstream = build_upstream_model(cfg).eval()
     checkpoint = tmp_path / "model_final.pkl"
-    arrays = write_model_zoo_pickle(checkpoint)
+    arrays = write_model_zoo_pickle(checkpoint, shapes={k: list(v.shape) for k, v in upstream.state_dict().items()})
     upstream.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()}, strict=True)
-    fnl_cfg = load_config(CONFIG, SMALL)
+    fnl_cfg = load_detectron2_config(upstream_yaml, SMALL).cfg
     convert_checkpoint(checkpoint, fnl_cfg, tmp_path / "model.pth")
     converted = build_model(fnl_cfg).eval()
     load_state(converted, tmp_path / "model.pth", strict=True)
