@@ -55,10 +55,11 @@ class MappedDataset(Dataset):
 
 class TrainingSampler(Sampler):
     """Endless ``(index, draw)`` stream: a fresh seeded permutation per epoch; process ``rank`` of ``world_size``
-    takes every ``world_size``-th draw, so the processes see disjoint samples of one global stream."""
+    takes every ``world_size``-th draw, so the processes see disjoint samples of one global stream. ``start``
+    global draws are skipped: a resumed run continues the stream where the interrupted one stopped."""
 
     def __init__(self, size: int, seed: int, shuffle: bool = True, rank: int | None = None,
-                 world_size: int | None = None) -> None:
+                 world_size: int | None = None, start: int = 0) -> None:
         if size <= 0:
             raise ValueError(f"cannot sample from an empty dataset (size {size})")
         default_rank, default_size = distributed_rank_and_size()
@@ -67,6 +68,7 @@ class TrainingSampler(Sampler):
         self.shuffle = shuffle
         self.rank = default_rank if rank is None else rank
         self.world_size = default_size if world_size is None else world_size
+        self.start = start
 
     def _global_stream(self) -> Iterator[int]:
         rng = np.random.default_rng(self.seed)
@@ -75,7 +77,7 @@ class TrainingSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         stream = enumerate(self._global_stream())
-        for draw, index in itertools.islice(stream, self.rank, None, self.world_size):
+        for draw, index in itertools.islice(stream, self.start + self.rank, None, self.world_size):
             yield int(index), draw
 
 
@@ -101,9 +103,9 @@ def list_collate(batch: list[dict]) -> list[dict]:
     return list(batch)
 
 
-def build_train_loader(cfg: CfgNode, dataset_dicts: list[dict] | None = None) -> DataLoader:
+def build_train_loader(cfg: CfgNode, dataset_dicts: list[dict] | None = None, start_iter: int = 0) -> DataLoader:
     """Endless loader over DATASETS.TRAIN under DATASETS.ROOT; each process gets SOLVER.IMS_PER_BATCH / world_size
-    images per batch."""
+    images per batch. ``start_iter``: the batches of the iterations before it are skipped (``--resume``)."""
     rank, world_size = distributed_rank_and_size()
     if cfg.SOLVER.IMS_PER_BATCH % world_size:
         raise ValueError(f"SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH}) must be divisible by the number of "
@@ -112,7 +114,8 @@ def build_train_loader(cfg: CfgNode, dataset_dicts: list[dict] | None = None) ->
         dataset_dicts = get_dataset_dicts(cfg.DATASETS.ROOT, cfg.DATASETS.TRAIN,
                                           filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
     dataset = MappedDataset(dataset_dicts, DatasetMapper(cfg, is_train=True), seed=cfg.SEED)
-    sampler = TrainingSampler(len(dataset), seed=cfg.SEED, rank=rank, world_size=world_size)
+    sampler = TrainingSampler(len(dataset), seed=cfg.SEED, rank=rank, world_size=world_size,
+                              start=start_iter * cfg.SOLVER.IMS_PER_BATCH)
     batch_sampler = BatchSampler(sampler, cfg.SOLVER.IMS_PER_BATCH // world_size, drop_last=True)
     return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=list_collate,
                       num_workers=cfg.DATALOADER.NUM_WORKERS, generator=torch.Generator().manual_seed(cfg.SEED))

@@ -172,7 +172,7 @@ def train(cfg: CfgNode, resume: bool = False, evaluate: bool = True) -> dict[str
     elif cfg.MODEL.WEIGHTS:
         load_state(model, cfg.MODEL.WEIGHTS)
     scheduler = build_scheduler(cfg, optimizer, start_iter)
-    batches = iter(build_train_loader(cfg))
+    batches = iter(build_train_loader(cfg, start_iter=start_iter))
 
     # Only now that config, weights and dataset are known good: a refused run leaves no output directory behind.
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -72,8 +72,9 @@ def quantization_aware_training(prepared: nn.Module, cfg: CfgNode, output_dir: s
         write_text_atomic(output_dir / QAT_LAST_CHECKPOINT, f"{QAT_PREFIX}{name}")
         prune_periodic_checkpoints(output_dir, keep, prefix=QAT_PREFIX)
 
+    batches = iter(build_train_loader(cfg, start_iter=start_iter))
     history = run_iterations(
-        prepared, iter(build_train_loader(cfg)), optimizer, scheduler, range(start_iter, qat_cfg.SOLVER.MAX_ITER),
+        prepared, batches, optimizer, scheduler, range(start_iter, qat_cfg.SOLVER.MAX_ITER),
         clip_gradients=cfg.SOLVER.CLIP_GRADIENTS, checkpoint_period=qat_cfg.SOLVER.CHECKPOINT_PERIOD, save=save,
         on_iteration=freeze_schedule(prepared, cfg), description="qat",
         resumed_from=(checkpoint.name, start_iter - 1) if checkpoint is not None else None,

@@ -186,3 +186,12 @@ def test_samplers_shard_across_processes():
     assert len({draw for _, draw in stream}) == len(stream)
     parts = [list(InferenceSampler(size, rank=r, world_size=3)) for r in range(3)]
     assert parts == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_a_resumed_training_stream_continues_where_the_interrupted_one_stopped():
+    full = list(itertools.islice(iter(TrainingSampler(7, seed=4, rank=0, world_size=1)), 30))
+    resumed = list(itertools.islice(iter(TrainingSampler(7, seed=4, rank=0, world_size=1, start=12)), 18))
+    assert resumed == full[12:]
+    shards = [list(itertools.islice(iter(TrainingSampler(7, seed=4, rank=r, world_size=2, start=12)), 9))
+              for r in (0, 1)]
+    assert sorted(shards[0] + shards[1]) == sorted(full[12:])
