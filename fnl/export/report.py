@@ -115,7 +115,8 @@ def format_report_markdown(rows: list[ReportRow], input_size: int, threads: int,
     reference = _reference(rows)
     lines = [
         f"# {title}", "",
-        f"Machine: {machine['cpu']} ({machine['cpu_count']} cores), {machine['platform']}; "
+        f"Machine: {machine['cpu']} ({machine['cpu_count']} cores; kernel-deciding ISA flags: "
+        f"{', '.join(machine['isa_flags'] or []) or 'unknown'}), {machine['platform']}; "
         f"{threads} thread(s); input: shortest side {input_size} px. "
         "Latency is per image (median and 90th percentile over the validation images), model call only.", "",
         "| model | format | precision | method | size (MB) | size ratio | box AP | DensePose AP | p50 (ms) | "

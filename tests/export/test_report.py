@@ -54,3 +54,11 @@ def test_this_machines_report_records_its_isa_flags(tmp_path):
         assert machine["isa_flags"] == cpu_isa_flags(cpuinfo.read_text())
     else:
         assert machine["isa_flags"] is None
+
+
+def test_the_markdown_report_names_the_isa_flags_beside_the_cpu():
+    from fnl.export.report import format_report_markdown, machine_info
+
+    flags = machine_info()["isa_flags"]
+    text = format_report_markdown([], 512, 1, "t")
+    assert f"kernel-deciding ISA flags: {', '.join(flags) if flags else 'unknown'}" in text
