@@ -47,13 +47,14 @@ def run(args: argparse.Namespace) -> int:
     from fnl.qat.report import check_float_checkpoint, int8_checkpoint_names, quantize_and_report
     from fnl.utils.io import check_output_dir
 
+    # Conflicting options first: they need no file to be refused.
+    if args.engine == "pt2e" and args.backend:
+        raise ValueError(f"--backend {args.backend} selects a torch.ao eager engine; --engine pt2e always "
+                         "quantizes for XNNPACK (ExecuTorch's quantizer and kernels): drop --backend")
     check_output_dir(args.output)
     # Before the dataset, which may be generated on first use: a wrong checkpoint must fail in seconds.
     check_float_checkpoint(args.ckpt, read_checkpoint(args.ckpt, args.unsafe_load))
     if args.engine == "pt2e":
-        if args.backend:
-            raise ValueError(f"--backend {args.backend} selects a torch.ao eager engine; --engine pt2e always "
-                             "quantizes for XNNPACK (ExecuTorch's quantizer and kernels): drop --backend")
         from fnl.qat.pt2e import PT2EUnavailableError, require_pt2e
 
         try:
