@@ -21,8 +21,8 @@ DEFAULT_CKPT = "zoo:synth_b_512"
 # --train: a short float schedule that shows training in minutes, at the cost of a model that does little DensePose.
 DEMO_TRAIN = ["SOLVER.MAX_ITER", "300", "SOLVER.STEPS", "[240, 280]", "SOLVER.WARMUP_ITERS", "50",
               "SOLVER.CHECKPOINT_PERIOD", "100"]
-# A short QAT at the test size, so that the demo stays within 10 minutes on 2 cores; the README's figures come from
-# 100 iterations (benchmarks/run_benchmarks.py and the commands above it).
+# A short QAT (40 iterations at the model's training sizes) to keep the demo near its 10-minute budget on 2 cores; the
+# README's figures come from 100 iterations (the commands above its results table).
 DEMO_QUANTIZE = ["QUANTIZATION.MAX_ITER", "40", "QUANTIZATION.FREEZE_BN_ITER", "24",
                  "QUANTIZATION.FREEZE_OBSERVER_ITER", "32", "QUANTIZATION.CALIBRATION_IMAGES", "16"]
 DEMO_CONFIG = "synth_mobile_parsing_rcnn_b"
