@@ -80,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
     data_root = ensure_dataset(args.data)
 
     checkpoint = train_briefly(output, data_root, args.force) if args.train else resolve_checkpoint(args.ckpt)
+    # Read once, before any stage: a missing or unreadable --ckpt is one line naming it, and the report needs its size.
+    test_size = config_from_checkpoint(checkpoint).INPUT.MIN_SIZE_TEST
 
     quantize_dir = output / "quantize"
     overrides = ["DATASETS.ROOT", data_root, "OUTPUT_DIR", str(quantize_dir), *DEMO_QUANTIZE]
@@ -98,8 +100,8 @@ def run(args: argparse.Namespace) -> int:
     from fnl.export.report import ReportRow, write_report
 
     source = "a short float run" if args.train else args.ckpt
-    write_report(output, [ReportRow(**r) for r in rows], config_from_checkpoint(checkpoint).INPUT.MIN_SIZE_TEST,
-                 args.threads, f"fnl-demo: Mobile Parsing R-CNN (B) on the synthetic set, from {source}")
+    write_report(output, [ReportRow(**r) for r in rows], test_size, args.threads,
+                 f"fnl-demo: Mobile Parsing R-CNN (B) on the synthetic set, from {source}")
     print((output / "report.md").read_text())
     return 0
 
