@@ -74,14 +74,17 @@ def run(args: argparse.Namespace) -> int:
     from fnl.engine.checkpoint import config_from_checkpoint, resolve_checkpoint
     from fnl.utils.logging import setup_logger
 
+    # Read --ckpt's config once, before the dataset and any output: a missing or unreadable file is one line naming
+    # it, and the report needs its test size.
+    test_size = None if args.train else config_from_checkpoint(resolve_checkpoint(args.ckpt)).INPUT.MIN_SIZE_TEST
     output = Path(args.output)
     setup_logger(output)
     torch.set_num_threads(args.threads)
     data_root = ensure_dataset(args.data)
 
     checkpoint = train_briefly(output, data_root, args.force) if args.train else resolve_checkpoint(args.ckpt)
-    # Read once, before any stage: a missing or unreadable --ckpt is one line naming it, and the report needs its size.
-    test_size = config_from_checkpoint(checkpoint).INPUT.MIN_SIZE_TEST
+    if test_size is None:
+        test_size = config_from_checkpoint(checkpoint).INPUT.MIN_SIZE_TEST
 
     quantize_dir = output / "quantize"
     overrides = ["DATASETS.ROOT", data_root, "OUTPUT_DIR", str(quantize_dir), *DEMO_QUANTIZE]
