@@ -20,7 +20,7 @@ import torch
 
 from fnl.cli.common import ensure_dataset, load_model_for_inference
 from fnl.engine.benchmark import measure
-from fnl.export.report import ReportRow, format_report_markdown, machine_info, versions
+from fnl.engine.report import ReportRow, format_report_markdown, machine_info, versions
 from fnl.utils.io import write_json_atomic, write_text_atomic
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"

@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     rows = json.loads((quantize_dir / "report.json").read_text())["rows"]
     rows += export_rows(output, quantize_dir, data_root, args)
     rows += executorch_rows(output, checkpoint, data_root, args)
-    from fnl.export.report import ReportRow, write_report
+    from fnl.engine.report import ReportRow, write_report
 
     source = "a short float run" if args.train else args.ckpt
     write_report(output, [ReportRow(**r) for r in rows], test_size, args.threads,

@@ -9,7 +9,7 @@ import torch
 
 from fnl.config import CfgNode
 from fnl.engine.inference import Predictor, evaluate_predictor
-from fnl.export.report import ReportRow, latency_figures
+from fnl.engine.report import ReportRow, latency_figures
 
 logger = logging.getLogger("fnl")
 
@@ -36,7 +36,7 @@ def _round(value: float | None) -> float | None:
 def model_file_megabytes(model: torch.nn.Module, path: Path, cfg: CfgNode) -> float:
     """Save the float model as users ship it (weights + config, no optimizer state) and return its size."""
     from fnl.engine.checkpoint import save_checkpoint
-    from fnl.export.report import file_megabytes
+    from fnl.engine.report import file_megabytes
 
     save_checkpoint(path, model, cfg)
     return file_megabytes(path)

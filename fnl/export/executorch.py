@@ -33,14 +33,15 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from fnl.config import CfgNode
-from fnl.export.onnx import ExportableRCNN, eval_mode
-from fnl.export.report import ReportRow, file_megabytes
+from fnl.engine.report import ReportRow, file_megabytes
+from fnl.export.onnx import ExportableRCNN
 from fnl.export.runtime import GraphPredictor
 from fnl.export.verify import INT8, Criteria, VerificationReport, verify_predictor
 from fnl.qat.patch import IMAGE, active_regions
 from fnl.qat.pt2e import exported_regions, install_region, require_pt2e
 from fnl.qat.regions import region_captures, run_per_level
 from fnl.utils.io import refuse_overwrite, write_bytes_atomic, write_json_atomic
+from fnl.utils.modules import eval_mode
 
 MANIFEST = "executorch.json"
 MAX_PLANNED_ROIS = 1024  # more RoIs run in chunks (ExecuTorchRegion)
@@ -319,8 +320,8 @@ def export_executorch_and_report(quantize_dir: str | Path, export_dir: str | Pat
     (XNNPACK)."""
     from fnl.cli.common import load_model_for_inference
     from fnl.engine.benchmark import measure
+    from fnl.engine.report import write_report
     from fnl.export.pipeline import quantize_outputs, split_images, torch_threads
-    from fnl.export.report import write_report
     from fnl.export.verify import ap_rows
     from fnl.qat.pt2e import PT2E_CHECKPOINT, PT2E_PTQ_CHECKPOINT, load_pt2e_checkpoint
 

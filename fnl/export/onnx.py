@@ -42,6 +42,7 @@ from fnl.export.runtime import BOX_OUTPUTS, DENSEPOSE_OUTPUTS, INPUT_NAME, PREPR
 from fnl.hooks.registry import HOOK_KINDS, has_forward_hooks
 from fnl.modeling import GeneralizedRCNN
 from fnl.utils.io import atomic_path
+from fnl.utils.modules import eval_mode
 
 logger = logging.getLogger("fnl")
 
@@ -233,19 +234,6 @@ def _quantized_symbolics_registered(opset: int) -> Iterator[None]:
     finally:
         for name in _QUANTIZED_SYMBOLICS:
             torch.onnx.unregister_custom_op_symbolic(name, opset)
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Eval mode inside, every submodule's own train/eval flag restored after (a fresh wrapper module is in train
-    mode, so restoring only the top-level flag would switch the wrapped model to training)."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _export_sample(sample_image: torch.Tensor) -> torch.Tensor:

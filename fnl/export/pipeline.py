@@ -27,10 +27,10 @@ import torch
 
 from fnl.config import CfgNode
 from fnl.engine.benchmark import measure
+from fnl.engine.report import ReportRow, file_megabytes, write_report
 from fnl.export.graph_compaction import compact_onnx_file
 from fnl.export.onnx import DEFAULT_OPSET, to_onnx
 from fnl.export.ort_quantize import ort_static_ptq
-from fnl.export.report import ReportRow, file_megabytes, write_report
 from fnl.export.runtime import OnnxPredictor, Preprocessing
 from fnl.export.verify import FLOAT32, INT8, VerificationReport, ap_rows, verify_onnx
 

@@ -38,9 +38,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from fnl.export.onnx import ExportableRCNN, eval_mode
+from fnl.export.onnx import ExportableRCNN
 from fnl.export.runtime import DENSEPOSE_OUTPUTS, GraphPredictor, OnnxPredictor
 from fnl.modeling import GeneralizedRCNN
+from fnl.utils.modules import eval_mode
 
 
 @dataclass(frozen=True)

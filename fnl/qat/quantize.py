@@ -33,7 +33,6 @@ from torch.ao.quantization import (
 from tqdm import tqdm
 
 from fnl.config import CfgNode
-from fnl.export.onnx import eval_mode
 from fnl.hooks import (
     HookRecord,
     audit_hooks,
@@ -43,6 +42,7 @@ from fnl.hooks import (
     prepare_qat_preserving_hooks,
 )
 from fnl.qat.patch import FloatIslandRecord, patch_for_quantization
+from fnl.utils.modules import eval_mode
 
 logger = logging.getLogger("fnl")
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fnl.config import CfgNode
-from fnl.export.onnx import eval_mode
+from fnl.utils.modules import eval_mode
 
 # Capture batch 2: torch.export specializes a dimension whose example size is 0 or 1.
 CAPTURE_BATCH = 2

@@ -20,8 +20,8 @@ from fnl.engine.checkpoint import (
     prune_periodic_checkpoints,
     read_checkpoint,
 )
+from fnl.engine.report import ReportRow, file_megabytes, write_report
 from fnl.engine.train import NonFiniteLossError, rewind_to_last_good
-from fnl.export.report import ReportRow, file_megabytes, write_report
 from fnl.qat.patch import format_islands
 from fnl.qat.pipeline import QuantizationResult, quantize
 from fnl.qat.serialization import save_int8_checkpoint

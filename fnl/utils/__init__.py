@@ -1,1 +1,1 @@
-"""Small shared helpers: atomic file output, logging setup."""
+"""Small shared helpers: atomic file output, logging setup, module train/eval state."""

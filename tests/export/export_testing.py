@@ -11,9 +11,10 @@ import torch
 import torchvision
 
 from fnl.config import CfgNode, load_config
-from fnl.export.onnx import ExportableRCNN, eval_mode
+from fnl.export.onnx import ExportableRCNN
 from fnl.export.verify import INT8, match_detections
 from fnl.modeling import GeneralizedRCNN, build_model
+from fnl.utils.modules import eval_mode
 
 # test_tiny is model B (spnasnet_100 + BiFPN 64) at 128 px; 5 detections keep the DensePose head cheap.
 SMALL = ["MODEL.ROI_HEADS.DETECTIONS_PER_IMAGE", "5"]

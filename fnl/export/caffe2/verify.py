@@ -38,11 +38,11 @@ import numpy as np
 import torch
 
 from fnl.config import CfgNode
+from fnl.engine.report import ReportRow
 from fnl.export.caffe2.parts import BOX_HEAD_OUTPUTS, BoxHeadForExport, DensePoseHeadForExport
 from fnl.export.caffe2.predictor import Caffe2Predictor
 from fnl.export.caffe2.writer import BOX_POOLED, DENSEPOSE_POOLED, INIT_NET_FILE, PREDICT_NET_FILE
-from fnl.export.onnx import ExportableRCNN, eval_mode, model_precision, to_onnx
-from fnl.export.report import ReportRow
+from fnl.export.onnx import ExportableRCNN, model_precision, to_onnx
 from fnl.export.runtime import DENSEPOSE_OUTPUTS, OnnxPredictor
 from fnl.export.verify import (
     FLOAT32,
@@ -55,6 +55,7 @@ from fnl.export.verify import (
     one_gray_level_up,
 )
 from fnl.modeling import GeneralizedRCNN
+from fnl.utils.modules import eval_mode
 
 FLOAT32_HEAD_ATOL = 1e-3
 INT8_STAGE_FAILURE_FRACTION = 1e-3

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fnl.export.report import KERNEL_ISA_FLAGS, ReportRow, cpu_isa_flags, machine_info, write_report
+from fnl.engine.report import KERNEL_ISA_FLAGS, ReportRow, cpu_isa_flags, machine_info, write_report
 
 # Two processors of a /proc/cpuinfo, abridged: an Intel Xeon of the Sapphire Rapids class (AMX), as the issue's
 # failing machine, listing its flags in the kernel's order, not ours.
@@ -57,7 +57,7 @@ def test_this_machines_report_records_its_isa_flags(tmp_path):
 
 
 def test_the_markdown_report_names_the_isa_flags_beside_the_cpu():
-    from fnl.export.report import format_report_markdown, machine_info
+    from fnl.engine.report import format_report_markdown, machine_info
 
     flags = machine_info()["isa_flags"]
     text = format_report_markdown([], 512, 1, "t")
