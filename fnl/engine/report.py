@@ -1,5 +1,6 @@
 """The size / AP / speed report every stage writes: ``report.json`` (DESIGN.md's layout), ``report.md`` and
-``report.png`` (AP against FPS). A figure that was not measured is ``null`` / "-", never a guess."""
+``report.png`` (box AP, DensePose AP, size and FPS of every row). A figure that was not measured is ``null`` / "-",
+never a guess."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import os
 import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fnl.utils.io import atomic_path, write_json_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 FORMATS = ("pytorch", "onnx", "caffe2", "executorch")
 PRECISIONS = ("float32", "int8")
@@ -141,30 +145,67 @@ def format_report_markdown(rows: list[ReportRow], input_size: int, threads: int,
     return "\n".join(lines) + "\n"
 
 
+# The panels of report.png: (ReportRow field, panel title, how a value is printed beside its marker).
+PLOT_PANELS = (("bbox_AP", "box AP (%)", "{:.2f}"), ("densepose_AP", "DensePose AP (%)", "{:.2f}"),
+               ("size_mb", "size (MB)", "{:.2f}"), ("fps", "FPS (median latency)", "{:.1f}"))
+FORMAT_COLOURS = {"pytorch": "tab:blue", "onnx": "tab:orange", "caffe2": "tab:green", "executorch": "tab:purple"}
+PRECISION_MARKERS = {"float32": "o", "int8": "s"}
+
+
+def report_figure(rows: list[ReportRow], title: str) -> Figure:
+    """One line per row, its name written once on the left, and one panel per figure (box AP, DensePose AP, size,
+    FPS), each with its own scale: rows never overlap however close their values are, and a figure that was not
+    measured is an empty place. Colour says the format, the marker the precision; the dashed line is the float32
+    reference that the report's ratios use."""
+    from matplotlib.figure import Figure  # a Figure of its own: no pyplot state, no GUI backend
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    reference = _reference(rows)
+    positions = np.arange(len(rows))[::-1]  # the first row at the top, as in report.md
+    height = 1.6 + 0.38 * max(len(rows), 1)
+    fig = Figure(figsize=(3.0 * len(PLOT_PANELS) + 2.5, height))
+    axes = fig.subplots(1, len(PLOT_PANELS), sharey=True, squeeze=False)
+    for ax, (field, label, number) in zip(axes[0], PLOT_PANELS, strict=True):
+        values = [getattr(row, field) for row in rows]
+        measured = [v for v in values if v is not None]
+        for row, y, value in zip(rows, positions, values, strict=True):
+            if value is None:
+                ax.annotate("not measured", (0.5, y), xycoords=("axes fraction", "data"), ha="center",
+                            va="center", color="0.5", fontsize=7)
+                continue
+            ax.plot(value, y, linestyle="none", marker=PRECISION_MARKERS[row.precision], markersize=8,
+                    color=FORMAT_COLOURS[row.format])
+            ax.annotate(number.format(value), (value, y), xytext=(7, 0), textcoords="offset points",
+                        va="center", fontsize=7, bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5})
+        if reference is not None and getattr(reference, field) is not None:
+            ax.axvline(getattr(reference, field), color="0.4", linestyle="--", linewidth=0.8)
+        if measured:
+            low, high = min(measured), max(measured)
+            pad = max((high - low) * 0.15, abs(high) * 0.02, 0.25)
+            ax.set_xlim(low - pad, high + pad * 2.5)  # room on the right for the printed value
+        ax.set_title(label, fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+        ax.tick_params(axis="x", labelsize=7)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_ylim(-0.7, len(rows) - 0.3)
+    axes[0][0].set_yticks(positions, [row.name for row in rows], fontsize=8)
+    legend = [Line2D([], [], linestyle="none", marker="o", color=colour, label=fmt)
+              for fmt, colour in FORMAT_COLOURS.items() if any(row.format == fmt for row in rows)]
+    legend += [Line2D([], [], linestyle="none", marker=marker, color="0.3", label=precision)
+               for precision, marker in PRECISION_MARKERS.items() if any(row.precision == precision for row in rows)]
+    if reference is not None:
+        legend.append(Line2D([], [], color="0.4", linestyle="--", linewidth=0.8, label=f"{reference.name}"))
+    fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.4 / height, 1, 1))  # 0.4 inch at the bottom for the legend
+    return fig
+
+
 def plot_report(rows: list[ReportRow], path: str | Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
-        if row.fps is None:
-            continue
-        for metric, marker in (("densepose_AP", "o"), ("bbox_AP", "s")):
-            value = getattr(row, metric)
-            if value is not None:
-                ax.scatter(row.fps, value, marker=marker, s=60)
-                ax.annotate(f"{row.name} ({metric.split('_')[0]})", (row.fps, value), fontsize=7,
-                            xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel("FPS (median latency)")
-    ax.set_ylabel("AP (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
+    """``report_figure`` as a PNG at ``path``."""
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+        report_figure(rows, title).savefig(tmp, format="png", dpi=120)
 
 
 def write_report(output_dir: str | Path, rows: list[ReportRow], input_size: int, threads: int,

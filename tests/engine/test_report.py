@@ -62,3 +62,41 @@ def test_the_markdown_report_names_the_isa_flags_beside_the_cpu():
     flags = machine_info()["isa_flags"]
     text = format_report_markdown([], 512, 1, "t")
     assert f"kernel-deciding ISA flags: {', '.join(flags) if flags else 'unknown'}" in text
+
+
+# Rows as the demo's report had them when its PNG stacked labels: equal and zero APs, a row without latency, one
+# without size, a long name.
+PLOTTED_ROWS = [
+    ReportRow("PyTorch float32", "pytorch", "float32", "float", 14.2, 39.3, 0.0, 136.4, 144.0, 7.3),
+    ReportRow("PyTorch int8 (QAT)", "pytorch", "int8", "qat", 3.8, 39.3, 0.0, 70.7, 74.6, 14.1),
+    ReportRow("Caffe2 int8 (QAT)", "caffe2", "int8", "qat", 3.5, 40.3, 0.0),
+    ReportRow("ExecuTorch int8 (PT2E PTQ, XNNPACK) with a long name", "executorch", "int8", "ptq", None, 40.4, 0.0,
+              89.3, 95.0, 11.2),
+]
+
+
+def test_report_figure_draws_one_marker_per_measured_figure_on_its_rows_line():
+    from fnl.engine.report import PLOT_PANELS, report_figure
+
+    figure = report_figure(PLOTTED_ROWS, "t")
+    axes = figure.axes[:len(PLOT_PANELS)]
+    assert [ax.get_title() for ax in axes] == [label for _, label, _ in PLOT_PANELS]
+    # The first row at the top: row k on line len - 1 - k, named once, on the left.
+    lines = {len(PLOTTED_ROWS) - 1 - k: row for k, row in enumerate(PLOTTED_ROWS)}
+    assert {tick.get_text(): tick.get_position()[1] for tick in axes[0].get_yticklabels()} == {
+        row.name: float(y) for y, row in lines.items()}
+    for ax, (field, _, _) in zip(axes, PLOT_PANELS, strict=True):
+        markers = [line for line in ax.get_lines() if line.get_marker() not in ("None", None, "")]
+        drawn = sorted((float(m.get_ydata()[0]), float(m.get_xdata()[0])) for m in markers)
+        expected = sorted((float(y), getattr(row, field)) for y, row in lines.items()
+                          if getattr(row, field) is not None)
+        assert drawn == expected, field
+        low, high = ax.get_xlim()
+        assert all(low < x < high for _, x in drawn), field  # every marker inside its panel
+        unmeasured = [text for text in ax.texts if text.get_text() == "not measured"]
+        assert len(unmeasured) == sum(getattr(row, field) is None for row in PLOTTED_ROWS), field
+
+
+def test_write_report_writes_a_png(tmp_path):
+    write_report(tmp_path, PLOTTED_ROWS, 512, 1, "t")
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
