@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from fnl.cli.common import ensure_dataset, load_model_for_inference
+from fnl.cli.common import ensure_dataset
 from fnl.engine.benchmark import measure
 from fnl.engine.report import ReportRow, format_report_markdown, machine_info, versions
+from fnl.qat.serialization import load_model_for_inference
 from fnl.utils.io import write_json_atomic, write_text_atomic
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"

@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fnl.cli.common import ensure_dataset, load_model_for_inference, run_cli
+from fnl.cli.common import ensure_dataset, run_cli
+from fnl.qat.serialization import load_model_for_inference
 
 
 def main(argv: list[str] | None = None) -> int:

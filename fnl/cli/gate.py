@@ -8,7 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from fnl.cli.common import ensure_dataset, load_model_for_inference, run_cli
+from fnl.cli.common import ensure_dataset, run_cli
+from fnl.qat.serialization import load_model_for_inference
 
 
 def results_of(source: str, data: str | None, threads: int) -> dict:

@@ -13,8 +13,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fnl.cli.common import load_model_for_inference, run_cli
+from fnl.cli.common import run_cli
 from fnl.data.images import IMAGE_SUFFIXES
+from fnl.qat.serialization import load_model_for_inference
 
 
 @dataclass

@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 from fnl.config import CfgNode
+from fnl.engine.checkpoint import save_checkpoint
 from fnl.engine.inference import Predictor, evaluate_predictor
-from fnl.engine.report import ReportRow, latency_figures
+from fnl.engine.report import ReportRow, file_megabytes, latency_figures
 
 logger = logging.getLogger("fnl")
 
@@ -35,8 +36,5 @@ def _round(value: float | None) -> float | None:
 
 def model_file_megabytes(model: torch.nn.Module, path: Path, cfg: CfgNode) -> float:
     """Save the float model as users ship it (weights + config, no optimizer state) and return its size."""
-    from fnl.engine.checkpoint import save_checkpoint
-    from fnl.engine.report import file_megabytes
-
     save_checkpoint(path, model, cfg)
     return file_megabytes(path)

@@ -17,6 +17,7 @@ import pickle
 import re
 import sys
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 import fnl
-from fnl.config import CfgNode, ConfigError, get_cfg
+from fnl.config import CfgNode, ConfigError, get_cfg, load_config
 from fnl.utils.io import atomic_path
 
 logger = logging.getLogger("fnl")
@@ -269,6 +270,15 @@ def config_from_checkpoint(path: str | Path, allow_unsafe: bool = False) -> CfgN
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from exc
     return cfg
+
+
+def resolve_config(ckpt: str | Path, config: str | None, overrides: Sequence[str], allow_unsafe: bool) -> CfgNode:
+    """The user's config file if given, else the one stored in the checkpoint; then the overrides."""
+    if config:
+        return load_config(config, overrides)
+    cfg = config_from_checkpoint(ckpt, allow_unsafe)
+    cfg.merge_from_list(overrides)
+    return cfg.freeze()
 
 
 def load_state(model: nn.Module, path: str | Path, allow_unsafe: bool = False, strict: bool = False,

@@ -19,6 +19,7 @@ import torch
 
 from fnl.config import CfgNode
 from fnl.engine.checkpoint import CheckpointError, load_state, read_checkpoint, save_checkpoint
+from fnl.modeling import build_model
 
 logger = logging.getLogger("fnl")
 
@@ -96,8 +97,6 @@ def convert_checkpoint(path: str | Path, cfg: CfgNode, output: str | Path, sourc
     """Read ``path`` (no code runs unless ``allow_unsafe``), load it into the model ``cfg`` builds, write an fnl
     checkpoint (with ``cfg``) to ``output`` atomically. Model weights the checkpoint lacks are an error naming them:
     a converted model with weights left at initialisation would compute something else."""
-    from fnl.modeling import build_model
-
     if source not in SOURCES:
         raise CheckpointError(f"--from must be one of {', '.join(SOURCES)}, got '{source}'")
     data = read_checkpoint(path, allow_unsafe)

@@ -15,6 +15,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fnl.data import build_test_loader
+from fnl.data.catalog import resolve_split, surface_dir
+from fnl.evaluation import DensePoseCOCOEvaluator
 from fnl.modeling.densepose import densepose_to_iuv
 
 logger = logging.getLogger("fnl")
@@ -64,10 +67,6 @@ def evaluate_predictor(predictor: Predictor, cfg, split: str | None = None, data
     ``warmup`` makes one untimed call first: lazy initialisation (allocator, kernel selection, ORT arena) is not
     per-image cost.
     """
-    from fnl.data import build_test_loader
-    from fnl.data.catalog import resolve_split, surface_dir
-    from fnl.evaluation import DensePoseCOCOEvaluator
-
     split = split or cfg.DATASETS.TEST[0]
     if isinstance(predictor, torch.nn.Module):
         predictor.eval()

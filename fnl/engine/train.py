@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fnl.config import CfgNode
+from fnl.data import build_train_loader
 from fnl.engine.checkpoint import (
     checkpoints_kept,
     load_state,
@@ -25,6 +26,8 @@ from fnl.engine.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
+from fnl.engine.inference import evaluate_model
+from fnl.modeling import build_model
 from fnl.utils.io import remove_stale_temporaries, write_json_atomic, write_text_atomic
 from fnl.utils.logging import setup_logger
 
@@ -150,10 +153,6 @@ def resume_path(output_dir: Path, marker_name: str = LAST_CHECKPOINT) -> Path | 
 
 def train(cfg: CfgNode, resume: bool = False, evaluate: bool = True) -> dict[str, Any]:
     """Train ``build_model(cfg)`` on cfg.DATASETS.TRAIN; returns {"model", "final_checkpoint", "metrics"}."""
-    from fnl.data import build_train_loader
-    from fnl.engine.inference import evaluate_model
-    from fnl.modeling import build_model
-
     rank, world_size = setup_distributed(cfg)
     output_dir = Path(cfg.OUTPUT_DIR)
     keep = checkpoints_kept(cfg, "SOLVER.CHECKPOINTS_KEPT")

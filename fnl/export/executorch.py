@@ -32,14 +32,25 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from fnl.config import CfgNode
-from fnl.engine.report import ReportRow, file_megabytes
+from fnl.config import CfgNode, get_cfg
+from fnl.engine.benchmark import measure
+from fnl.engine.report import ReportRow, file_megabytes, write_report
 from fnl.export.onnx import ExportableRCNN
+from fnl.export.pipeline import quantize_outputs, split_images, torch_threads
 from fnl.export.runtime import GraphPredictor
-from fnl.export.verify import INT8, Criteria, VerificationReport, verify_predictor
+from fnl.export.verify import INT8, Criteria, VerificationReport, ap_rows, verify_predictor
+from fnl.modeling import build_model
 from fnl.qat.patch import IMAGE, active_regions
-from fnl.qat.pt2e import exported_regions, install_region, require_pt2e
+from fnl.qat.pt2e import (
+    PT2E_CHECKPOINT,
+    PT2E_PTQ_CHECKPOINT,
+    exported_regions,
+    install_region,
+    load_pt2e_checkpoint,
+    require_pt2e,
+)
 from fnl.qat.regions import region_captures, run_per_level
+from fnl.qat.serialization import load_model_for_inference
 from fnl.utils.io import refuse_overwrite, write_bytes_atomic, write_json_atomic
 from fnl.utils.modules import eval_mode
 
@@ -94,6 +105,7 @@ def lower_to_xnnpack(program: torch.fx.GraphModule, args: tuple[Any, ...], dynam
                      ) -> tuple[bytes, Any, Any]:
     """An int8 PT2E graph as an XNNPACK ``.pte`` buffer, with the pytree specs of its inputs and outputs.
     ``program`` is not modified."""
+    # executorch is an optional extra (fnl[executorch]): imported only when a program is lowered
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
@@ -223,7 +235,7 @@ def _set_threads(threads: int) -> None:
     """XNNPACK's thread pool size (process-wide in the ExecuTorch runtime)."""
     if threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
-    from executorch.extension.pybindings import portable_lib
+    from executorch.extension.pybindings import portable_lib  # optional extra: imported only when used
 
     portable_lib._unsafe_reset_threadpool(threads)
 
@@ -234,10 +246,7 @@ class ExecuTorchPredictor(GraphPredictor):
 
     def __init__(self, directory: str | Path, threads: int = 2) -> None:
         require_pt2e()
-        from executorch.runtime import Runtime
-
-        from fnl.config import get_cfg
-        from fnl.modeling import build_model
+        from executorch.runtime import Runtime  # executorch is an optional extra: imported only when used
 
         self.directory = Path(directory)
         manifest = read_manifest(self.directory)
@@ -298,8 +307,6 @@ def executorch_row(directory: str | Path, cfg: CfgNode, method: str, threads: in
     """The report row of an ExecuTorch export (format "executorch", precision "int8"): size of its .pte files, box
     and DensePose AP on the test split of ``cfg``, latency per image through the ExecuTorch runtime (``threads``
     XNNPACK threads; the float glue on torch's threads as set by the caller), with fnl.engine.benchmark.measure."""
-    from fnl.engine.benchmark import measure
-
     predictor = ExecuTorchPredictor(directory, threads)
     size = sum(file_megabytes(path) for path in predictor.files)
     return measure(name or f"ExecuTorch int8 (PT2E {method.upper()}, XNNPACK)", "executorch", "int8", method,
@@ -318,13 +325,6 @@ def export_executorch_and_report(quantize_dir: str | Path, export_dir: str | Pat
     images, AP on the test split) and write report.json / .md / .png with rows measured the same way
     (``fnl.engine.benchmark.measure``): PyTorch float32, then per int8 model PyTorch int8 (PT2E) and ExecuTorch int8
     (XNNPACK)."""
-    from fnl.cli.common import load_model_for_inference
-    from fnl.engine.benchmark import measure
-    from fnl.engine.report import write_report
-    from fnl.export.pipeline import quantize_outputs, split_images, torch_threads
-    from fnl.export.verify import ap_rows
-    from fnl.qat.pt2e import PT2E_CHECKPOINT, PT2E_PTQ_CHECKPOINT, load_pt2e_checkpoint
-
     export_dir = Path(export_dir)
     float_checkpoint, pt2e_checkpoint, overrides = quantize_outputs(quantize_dir, PT2E_CHECKPOINT,
                                                                     "fnl-quantize --engine pt2e", data_root,

@@ -26,13 +26,17 @@ from typing import Any
 import torch
 
 from fnl.config import CfgNode
+from fnl.data import build_test_loader
 from fnl.engine.benchmark import measure
+from fnl.engine.checkpoint import read_checkpoint
 from fnl.engine.report import ReportRow, file_megabytes, write_report
+from fnl.export.caffe2 import caffe2_report_row, to_caffe2
 from fnl.export.graph_compaction import compact_onnx_file
 from fnl.export.onnx import DEFAULT_OPSET, to_onnx
 from fnl.export.ort_quantize import ort_static_ptq
 from fnl.export.runtime import OnnxPredictor, Preprocessing
 from fnl.export.verify import FLOAT32, INT8, VerificationReport, ap_rows, verify_onnx
+from fnl.qat.serialization import load_model_for_inference
 
 logger = logging.getLogger("fnl")
 
@@ -62,8 +66,6 @@ def export_and_report(quantize_dir: str | Path, export_dir: str | Path, data_roo
     if verify_images < 1 or calibration_images < 1:
         raise ValueError(f"verify_images and calibration_images must be at least 1, got {verify_images} and "
                          f"{calibration_images}")
-    from fnl.cli.common import load_model_for_inference
-
     with torch_threads(threads):
         float_model, cfg = load_model_for_inference(str(float_checkpoint), None, overrides)
         int8_model, _ = load_model_for_inference(str(int8_checkpoint), None, overrides)
@@ -129,8 +131,6 @@ def quantize_outputs(quantize_dir: str | Path, int8_name: str, command: str, dat
 def _caffe2_int8_row(int8_model: torch.nn.Module, directory: Path, cfg: CfgNode, mode: str
                      ) -> tuple[ReportRow, bool]:
     """The stock (per-tensor) Caffe2 export's row, and whether its weights had to be requantized for it."""
-    from fnl.export.caffe2 import caffe2_report_row, to_caffe2
-
     export = to_caffe2(int8_model, directory)
     row, _ = caffe2_report_row(f"Caffe2 int8 ({mode.upper()})", directory, cfg, "int8", mode)
     return row, any(r.max_abs_error > 0 for r in export.weight_requantization)
@@ -143,15 +143,11 @@ def verification_passed(document: dict[str, Any]) -> bool:
 
 def _int8_mode(path: Path) -> str:
     """"qat" or "ptq", as fnl-quantize recorded it in the int8 checkpoint."""
-    from fnl.engine.checkpoint import read_checkpoint
-
     return str(read_checkpoint(path)["quantization"]["mode"])
 
 
 def split_images(cfg: CfgNode, split: str, count: int) -> list[torch.Tensor]:
     """The first ``count`` images of ``split``, resized as for evaluation (what the exported graph takes)."""
-    from fnl.data import build_test_loader
-
     limited = cfg.clone()  # an unfrozen copy
     limited.TEST.MAX_IMAGES = count
     return [item["image"] for batch in build_test_loader(limited, split) for item in batch]

@@ -10,7 +10,10 @@ from pathlib import Path
 from torch import nn
 
 from fnl.config import CfgNode
+from fnl.data import build_train_loader
+from fnl.qat.pt2e import convert_pt2e_model, prepare_pt2e_model
 from fnl.qat.quantize import QuantizationStages, calibrate, check_int8_kernels, convert, prepare
+from fnl.qat.train import quantization_aware_training
 
 logger = logging.getLogger("fnl")
 
@@ -33,8 +36,6 @@ def engine_stages(engine: str) -> tuple[Callable[..., nn.Module], Callable[..., 
     if engine == "eager":
         return prepare, convert
     if engine == "pt2e":
-        from fnl.qat.pt2e import convert_pt2e_model, prepare_pt2e_model
-
         return prepare_pt2e_model, convert_pt2e_model
     raise ValueError(f"quantization engine must be one of {ENGINES}, got '{engine}'")
 
@@ -46,8 +47,6 @@ def quantize(float_model: nn.Module, cfg: CfgNode, mode: str | None = None, outp
     QAT checkpoints go to ``output_dir`` (required for QAT, so that ``resume`` can pick them up). ``engine`` picks
     how the int8 regions are prepared and converted; calibration and the QAT loop are the same for both.
     """
-    from fnl.data import build_train_loader
-
     prepare, convert = engine_stages(engine)
     mode = mode or cfg.QUANTIZATION.MODE
     stages = QuantizationStages()
@@ -61,8 +60,6 @@ def quantize(float_model: nn.Module, cfg: CfgNode, mode: str | None = None, outp
     if mode == "qat":
         if output_dir is None:
             raise ValueError("QAT needs an output directory for its checkpoints")
-        from fnl.qat.train import quantization_aware_training
-
         history = quantization_aware_training(prepared, cfg, output_dir, resume)
     int8 = convert(prepared, stages)
     return QuantizationResult(int8, mode, stages, history, prepared, engine)

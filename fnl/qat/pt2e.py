@@ -29,7 +29,9 @@ import torch
 from torch import nn
 
 from fnl.config import CfgNode
+from fnl.engine.checkpoint import CheckpointError, config_from_checkpoint, read_checkpoint, save_checkpoint
 from fnl.hooks import audit_hooks
+from fnl.modeling import build_model
 from fnl.qat.patch import FloatIslandRecord, QuantizedRegion, active_regions, replace_submodule
 from fnl.qat.quantize import MODES, QuantizationStages, check_weight_scales
 from fnl.qat.regions import RegionCapture, RegionModules, region_captures, run_per_level
@@ -259,8 +261,6 @@ PT2E_STATE = "pt2e-prepared"
 def save_pt2e_checkpoint(path: str | Path, prepared: nn.Module, cfg: CfgNode, mode: str) -> Path:
     """The prepared PT2E model's state (float weights, observer / fake-quant ranges) with its config: converting
     is deterministic, so this is the int8 model in the form the capture can rebuild (``load_pt2e_checkpoint``)."""
-    from fnl.engine.checkpoint import save_checkpoint
-
     return save_checkpoint(path, prepared, cfg, quantization={"engine": ENGINE, "mode": mode, "format": PT2E_STATE})
 
 
@@ -271,9 +271,6 @@ def is_pt2e_checkpoint(data: dict[str, Any]) -> bool:
 def load_pt2e_checkpoint(path: str | Path, allow_unsafe: bool = False) -> tuple[nn.Module, CfgNode, str]:
     """(int8 PT2E model, config, mode) from ``save_pt2e_checkpoint``'s file: capture and prepare a fresh model of
     the stored config, load the state, convert."""
-    from fnl.engine.checkpoint import CheckpointError, config_from_checkpoint, read_checkpoint
-    from fnl.modeling import build_model
-
     data = read_checkpoint(path, allow_unsafe)
     if not is_pt2e_checkpoint(data):
         raise CheckpointError(f"{path} is not a PT2E checkpoint written by fnl-quantize --engine pt2e (no "

@@ -41,7 +41,17 @@ from fnl.hooks import (
     prepare_preserving_hooks,
     prepare_qat_preserving_hooks,
 )
-from fnl.qat.patch import FloatIslandRecord, patch_for_quantization
+from fnl.qat.patch import (
+    IMAGE,
+    REGION_NAMES,
+    DequantizeOutputs,
+    FloatIsland,
+    FloatIslandRecord,
+    QuantizeInputs,
+    active_regions,
+    patch_for_quantization,
+)
+from fnl.qat.regions import RegionModules
 from fnl.utils.modules import eval_mode
 
 logger = logging.getLogger("fnl")
@@ -358,8 +368,6 @@ def _neighbour(model: nn.Module, path: str, step: int) -> tuple[str, nn.Module] 
 def _float_path(model: nn.Module, path: str) -> str:
     """``path`` in the int8 model as the float model (and QUANTIZATION.FLOAT_MODULES) names it: without the
     ``module`` attribute of the patch's wrappers."""
-    from fnl.qat.patch import DequantizeOutputs, FloatIsland, QuantizeInputs
-
     kept, current = [], model
     for part in path.split("."):
         if not (part == "module" and isinstance(current, QuantizeInputs | DequantizeOutputs | FloatIsland)):
@@ -371,9 +379,6 @@ def _float_path(model: nn.Module, path: str) -> str:
 def _run_int8_regions(int8_model: nn.Module) -> None:
     """Every int8 region of the eager model once: the backbone and RPN head on a blank image, each RoI head from its
     pooler's quantization on random pooled features (the heads run whether or not anything is detected)."""
-    from fnl.qat.patch import IMAGE, REGION_NAMES, FloatIsland, active_regions
-    from fnl.qat.regions import RegionModules
-
     side = 4 * max(int8_model.size_divisibility, 32)  # room for every pyramid level
     with eval_mode(int8_model), _naming_the_module_without_int8_kernel(int8_model):
         features = int8_model.backbone(torch.zeros(1, 3, side, side))

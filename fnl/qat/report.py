@@ -10,21 +10,23 @@ from typing import Any
 
 import torch
 
-from fnl.config import CfgNode, load_config
+from fnl.config import CfgNode
 from fnl.engine.benchmark import measure, model_file_megabytes
 from fnl.engine.checkpoint import (
     CheckpointError,
     checkpoints_kept,
-    config_from_checkpoint,
     load_state,
     prune_periodic_checkpoints,
     read_checkpoint,
+    resolve_config,
 )
 from fnl.engine.report import ReportRow, file_megabytes, write_report
 from fnl.engine.train import NonFiniteLossError, rewind_to_last_good
+from fnl.modeling import build_model
 from fnl.qat.patch import format_islands
 from fnl.qat.pipeline import QuantizationResult, quantize
-from fnl.qat.serialization import save_int8_checkpoint
+from fnl.qat.pt2e import PT2E_CHECKPOINT, PT2E_PTQ_CHECKPOINT, is_pt2e_checkpoint, save_pt2e_checkpoint
+from fnl.qat.serialization import is_int8_checkpoint, save_int8_checkpoint
 from fnl.qat.train import QAT_LAST_CHECKPOINT, QAT_PREFIX
 from fnl.utils.io import remove_stale_temporaries
 from fnl.utils.logging import setup_logger
@@ -32,22 +34,11 @@ from fnl.utils.logging import setup_logger
 logger = logging.getLogger("fnl")
 
 
-def resolve_config(ckpt: str | Path, config: str | None, overrides: Sequence[str], allow_unsafe: bool) -> CfgNode:
-    """The user's config file if given, else the one stored in the checkpoint; then the overrides."""
-    if config:
-        return load_config(config, overrides)
-    cfg = config_from_checkpoint(ckpt, allow_unsafe)
-    cfg.merge_from_list(overrides)
-    return cfg.freeze()
-
-
 def int8_row(result: QuantizationResult, cfg: CfgNode, path: Path) -> ReportRow:
     """Save the int8 model and measure it. A PT2E model is saved as its prepared state (weights and observer
     ranges, reloaded by ``fnl.qat.pt2e.load_pt2e_checkpoint``), which is not an int8 file: its size is left
     unmeasured here and the deployable int8 file is the ExecuTorch export (``fnl-export --format executorch``)."""
     if result.engine == "pt2e":
-        from fnl.qat.pt2e import save_pt2e_checkpoint
-
         save_pt2e_checkpoint(path, result.prepared, cfg, result.mode)
         row, _ = measure(f"PyTorch int8 (PT2E {result.mode.upper()})", "pytorch", "int8", result.mode,
                          result.int8_model, cfg, None)
@@ -61,8 +52,6 @@ def int8_row(result: QuantizationResult, cfg: CfgNode, path: Path) -> ReportRow:
 def int8_checkpoint_names(engine: str) -> tuple[str, str]:
     """The files fnl-quantize writes for the int8 model and its PTQ baseline."""
     if engine == "pt2e":
-        from fnl.qat.pt2e import PT2E_CHECKPOINT, PT2E_PTQ_CHECKPOINT
-
         return PT2E_CHECKPOINT, PT2E_PTQ_CHECKPOINT
     return "model_int8.pth", "model_int8_ptq.pth"
 
@@ -70,9 +59,6 @@ def int8_checkpoint_names(engine: str) -> tuple[str, str]:
 def check_float_checkpoint(path: str | Path, data: dict[str, Any]) -> None:
     """fnl-quantize starts from a float model: an int8 model, a PT2E state or a QAT training state is refused with
     the file to use instead."""
-    from fnl.qat.pt2e import is_pt2e_checkpoint
-    from fnl.qat.serialization import is_int8_checkpoint
-
     if is_int8_checkpoint(data) or is_pt2e_checkpoint(data):
         kind = "an int8 model" if is_int8_checkpoint(data) else "a PT2E quantized model state"
     elif any(key.endswith(".zero_point") for key in data["model"]):
@@ -88,8 +74,6 @@ def check_float_checkpoint(path: str | Path, data: dict[str, Any]) -> None:
 def quantize_and_report(ckpt: str | Path, output: str | Path, config: str | None, overrides: Sequence[str],
                         threads: int = 2, resume: bool = False, allow_unsafe: bool = False,
                         ptq_baseline: bool = True, engine: str = "eager") -> dict[str, Any]:
-    from fnl.modeling import build_model
-
     output = Path(output)
     check_float_checkpoint(ckpt, read_checkpoint(ckpt, allow_unsafe))
     cfg = resolve_config(ckpt, config, overrides, allow_unsafe)

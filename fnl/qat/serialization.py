@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,15 @@ import torch
 from torch import nn
 
 from fnl.config import CfgNode
-from fnl.engine.checkpoint import CheckpointError
+from fnl.engine.checkpoint import (
+    CheckpointError,
+    config_from_checkpoint,
+    load_state,
+    read_checkpoint,
+    resolve_config,
+)
+from fnl.modeling import build_model
+from fnl.qat.quantize import build_int8_structure, select_backend
 from fnl.utils.io import atomic_path
 
 FORMAT = "fnl-int8-packed-v1"
@@ -142,10 +151,6 @@ def is_int8_checkpoint(data: dict[str, Any]) -> bool:
 def load_int8_checkpoint(path: str | Path, allow_unsafe: bool = False) -> tuple[nn.Module, CfgNode]:
     """Rebuild the int8 module tree from the stored config (patch -> fuse -> prepare -> convert on a fresh float
     model) and load the int8 weights: an int8 model reloads in a new process with nothing but the file."""
-    from fnl.engine.checkpoint import config_from_checkpoint, read_checkpoint
-    from fnl.modeling import build_model
-    from fnl.qat.quantize import build_int8_structure, select_backend
-
     data = read_checkpoint(path, allow_unsafe)
     if not is_int8_checkpoint(data):
         raise CheckpointError(f"{path} is not an int8 checkpoint written by fnl-quantize (no 'quantization' entry "
@@ -161,3 +166,21 @@ def load_int8_checkpoint(path: str | Path, allow_unsafe: bool = False) -> tuple[
         raise CheckpointError(f"int8 checkpoint {path} does not fit the model its config describes: "
                               f"{str(exc)[:400]}") from exc
     return model.eval(), cfg.freeze()
+
+
+def load_model_for_inference(ckpt: str | Path, config: str | None, overrides: Sequence[str],
+                             allow_unsafe: bool = False) -> tuple[nn.Module, CfgNode]:
+    """A float or int8 PyTorch model from a checkpoint, with its config (the stored one unless ``config``). It lives
+    here, not in fnl.engine, because an int8 checkpoint is rebuilt by fnl.qat (patch -> fuse -> prepare -> convert)."""
+    data = read_checkpoint(ckpt, allow_unsafe)
+    if is_int8_checkpoint(data):
+        model, stored = load_int8_checkpoint(ckpt, allow_unsafe)
+        cfg = stored.clone()
+        if config:
+            cfg.merge_from_file(config)
+        cfg.merge_from_list(overrides)
+        return model, cfg.freeze()
+    cfg = resolve_config(ckpt, config, overrides, allow_unsafe)
+    model = build_model(cfg)
+    load_state(model, ckpt, allow_unsafe, data=data)
+    return model.eval(), cfg

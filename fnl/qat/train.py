@@ -10,6 +10,7 @@ from pathlib import Path
 from torch import nn
 
 from fnl.config import CfgNode
+from fnl.data import build_train_loader
 from fnl.engine.checkpoint import (
     CheckpointError,
     checkpoints_kept,
@@ -44,8 +45,6 @@ def qat_solver_config(cfg: CfgNode) -> CfgNode:
 def quantization_aware_training(prepared: nn.Module, cfg: CfgNode, output_dir: str | Path, resume: bool = False
                                 ) -> list[dict[str, float]]:
     """Train ``prepared`` (the output of ``fnl.qat.prepare(..., mode="qat")``) in place; returns the loss history."""
-    from fnl.data import build_train_loader
-
     output_dir = Path(output_dir)
     qat_cfg = qat_solver_config(cfg)
     optimizer = build_optimizer(qat_cfg, prepared)

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from fnl.config import CfgNode
+from fnl.engine.benchmark import measure
 from fnl.engine.report import ReportRow
 from fnl.export.caffe2.parts import BOX_HEAD_OUTPUTS, BoxHeadForExport, DensePoseHeadForExport
 from fnl.export.caffe2.predictor import Caffe2Predictor
@@ -269,8 +270,6 @@ def caffe2_report_row(name: str, model_dir: str | Path, cfg: CfgNode, precision:
                       split: str | None = None) -> tuple[ReportRow, dict]:
     """Box and DensePose AP of the Caffe2 files in ``model_dir`` on ``split`` (``fnl.engine.benchmark.measure``
     with a predictor over the reference executor); size = model.pb + model_init.pb; latency fields None."""
-    from fnl.engine.benchmark import measure
-
     model_dir = Path(model_dir)
     size_mb = round(sum((model_dir / f).stat().st_size for f in (PREDICT_NET_FILE, INIT_NET_FILE)) / 1e6, 3)
     row, results = measure(name, "caffe2", precision, method, Caffe2Predictor(model_dir), cfg, size_mb, split)
