@@ -26,6 +26,8 @@ DEMO_TRAIN = ["SOLVER.MAX_ITER", "300", "SOLVER.STEPS", "[240, 280]", "SOLVER.WA
 DEMO_QUANTIZE = ["QUANTIZATION.MAX_ITER", "40", "QUANTIZATION.FREEZE_BN_ITER", "24",
                  "QUANTIZATION.FREEZE_OBSERVER_ITER", "32", "QUANTIZATION.CALIBRATION_IMAGES", "16"]
 DEMO_CONFIG = "synth_mobile_parsing_rcnn_b"
+# --stop-after: the stages in order; "data" ends once the dataset and the float checkpoint are ready.
+STAGES = ("data", "quantize", "export")
 
 
 def file_digest(path: Path) -> str:
@@ -64,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"train a float model briefly ({DEMO_CONFIG}) instead of using --ckpt")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--force", action="store_true", help="rerun every stage")
+    parser.add_argument("--stop-after", choices=STAGES,
+                        help="end after this stage (data: the dataset generated and the float model ready, no "
+                             "report; quantize, export: the report of the stages run so far)")
     args = parser.parse_args(argv)
     return run_cli(lambda: run(args), "fnl-demo")
 
@@ -85,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = train_briefly(output, data_root, args.force) if args.train else resolve_checkpoint(args.ckpt)
     if test_size is None:
         test_size = config_from_checkpoint(checkpoint).INPUT.MIN_SIZE_TEST
+    if args.stop_after == "data":
+        print(f"[fnl-demo] data: dataset {data_root}, float model {checkpoint}")
+        return 0
 
     quantize_dir = output / "quantize"
     overrides = ["DATASETS.ROOT", data_root, "OUTPUT_DIR", str(quantize_dir), *DEMO_QUANTIZE]
@@ -98,8 +106,10 @@ def run(args: argparse.Namespace) -> int:
                  ["model_int8.pth", "report.json"], quantize_stage, args.force)
 
     rows = json.loads((quantize_dir / "report.json").read_text())["rows"]
-    rows += export_rows(output, quantize_dir, data_root, args)
-    rows += executorch_rows(output, checkpoint, data_root, args)
+    if args.stop_after != "quantize":
+        rows += export_rows(output, quantize_dir, data_root, args)
+    if args.stop_after is None:
+        rows += executorch_rows(output, checkpoint, data_root, args)
     from fnl.engine.report import ReportRow, write_report
 
     source = "a short float run" if args.train else args.ckpt

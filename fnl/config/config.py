@@ -15,8 +15,6 @@ from typing import Any
 import yaml
 
 BASE_KEY = "_BASE_"
-# Root of a source checkout: configs/ lives beside the package.
-_REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 class ConfigError(ValueError):
@@ -147,30 +145,3 @@ def _deep_update(into: dict, other: dict) -> None:
             _deep_update(into[key], value)
         else:
             into[key] = value
-
-
-def get_cfg() -> CfgNode:
-    """A fresh copy of the defaults."""
-    from fnl.config.defaults import _C
-
-    return _C.clone()
-
-
-def find_config_file(name: str | Path) -> Path:
-    """A path as given, or a file name / stem looked up in the repository's ``configs/``."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    for candidate in (_REPO_CONFIGS / path, _REPO_CONFIGS / f"{path}.yaml"):
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(f"config file not found: {name} (looked also in {_REPO_CONFIGS})")
-
-
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = (), freeze: bool = True) -> CfgNode:
-    """Defaults, then the file (with its ``_BASE_`` chain), then ``KEY VALUE`` overrides."""
-    cfg = get_cfg()
-    if path is not None:
-        cfg.merge_from_file(find_config_file(path))
-    cfg.merge_from_list(overrides)
-    return cfg.freeze() if freeze else cfg

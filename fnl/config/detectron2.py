@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fnl.config.config import CfgNode, ConfigError, _load_yaml_with_base, find_config_file, load_config
+from fnl.config.config import CfgNode, ConfigError, _load_yaml_with_base
+from fnl.config.load import find_config_file, load_config
 
 BASE_CONFIG = "densepose_rcnn_R_50_FPN_s1x"
 

@@ -17,6 +17,7 @@ import pickle
 import re
 import sys
 import zipfile
+from importlib import resources
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,9 @@ from fnl.utils.io import atomic_path
 
 logger = logging.getLogger("fnl")
 ZOO_PREFIX = "zoo:"
-MODEL_ZOO_DIR = Path(__file__).resolve().parents[2] / "model_zoo"
+# Package data of fnl, like the configs (see fnl.config.load.CONFIGS_DIR): fnl/model_zoo links to the top-level
+# model_zoo/ in a checkout and is copied into an installed wheel.
+MODEL_ZOO_DIR = Path(str(resources.files("fnl") / "model_zoo"))
 
 
 class CheckpointError(ValueError):

@@ -244,9 +244,10 @@ def run_iterations(model: nn.Module, batches: Iterator[list[dict]], optimizer: t
         if clip_gradients > 0:
             nn.utils.clip_grad_norm_(model.parameters(), clip_gradients)
         optimizer.step()
-        scheduler.step()
+        # The rate this step applied, read before the scheduler moves on to the next iteration's.
         record = {"iteration": iteration, "total_loss": total.item(), "lr": optimizer.param_groups[0]["lr"],
                   **{k: v.item() for k, v in losses.items()}}
+        scheduler.step()
         history.append(record)
         progress.set_postfix(loss=f"{record['total_loss']:.3f}", lr=f"{record['lr']:.4g}")
         if log and (iteration % 20 == 0 or iteration == iterations.stop - 1):

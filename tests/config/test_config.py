@@ -1,6 +1,6 @@
 import pytest
 
-from fnl.config import ConfigError, load_config
+from fnl.config import CONFIGS_DIR, ConfigError, load_config
 
 
 def test_base_chain_and_overrides(tmp_path):
@@ -28,9 +28,7 @@ def test_wrong_type_names_key(tmp_path):
 
 
 def test_every_shipped_config_loads():
-    from fnl.config.config import _REPO_CONFIGS
-
-    for path in sorted(_REPO_CONFIGS.glob("*.yaml")):
+    for path in sorted(CONFIGS_DIR.glob("*.yaml")):
         load_config(path)
 
 
