@@ -26,7 +26,10 @@ from hooks_testing import (
 )
 from torch import nn
 
+from fnl.config import load_config
 from fnl.hooks import audit_hooks, compare_hook_audits, find_fusion_groups, fuse_model
+from fnl.modeling.layers import ConvNormAct, SeparableConvNormAct
+from fnl.modeling.necks import build_backbone
 
 FLOAT32_TOLERANCE = 1e-4
 FLOAT64_TOLERANCE = 1e-9
@@ -123,11 +126,10 @@ def test_torchvision_resnet_needs_the_trace() -> None:
 
 @pytest.mark.parametrize("norm", ["BN", "SyncBN", "FrozenBN", ""])
 def test_fnl_layers(norm: str) -> None:
-    layers = pytest.importorskip("fnl.modeling.layers")
     model = nn.Sequential(
-        layers.ConvNormAct(3, 8, norm=norm),
-        layers.SeparableConvNormAct(8, norm=norm or "BN"),
-        layers.ConvNormAct(8, 4, 1, norm=norm, activation=False),
+        ConvNormAct(3, 8, norm=norm),
+        SeparableConvNormAct(8, norm=norm or "BN"),
+        ConvNormAct(8, 4, 1, norm=norm, activation=False),
     )
     model = randomize_norms(model).eval()
     x = example_images()
@@ -141,10 +143,8 @@ def test_fnl_layers(norm: str) -> None:
 def test_mobile_parsing_rcnn_b_backbone() -> None:
     """Model B's backbone (spnasnet_100 with expansion taps + BiFPN, fnl's own modules): registration order holds
     everywhere, fusion keeps the BiFPN taps and the P2..P6 features."""
-    config = pytest.importorskip("fnl.config")
-    necks = pytest.importorskip("fnl.modeling.necks")
     torch.manual_seed(0)
-    model = randomize_norms(necks.build_backbone(config.load_config("mobile_parsing_rcnn_b"))).eval()
+    model = randomize_norms(build_backbone(load_config("mobile_parsing_rcnn_b"))).eval()
     x = example_images(1)
     groups = find_fusion_groups(model, is_qat=False)
     assert find_fusion_groups(model, is_qat=False, example_inputs=(x,)) == groups
