@@ -1,5 +1,6 @@
-"""What every command line shares: config loading with KEY VALUE overrides, and turning our errors into one clear
-line on stderr with exit status 2 instead of a traceback."""
+"""What every command line shares: config loading with KEY VALUE overrides, and how a command ends on an error: a
+user's mistake (``fnl.utils.errors.UserError``) as one line on stderr with exit status 2, a bug in fnl with its
+traceback and a request to report it, exit status 1."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from fnl.config import CfgNode, ConfigError, load_config
+from fnl.config import CfgNode, load_config
+from fnl.utils.errors import UserError
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -23,57 +26,51 @@ def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()) -> Cfg
     return load_config(args.config, [*extra, *args.opts])
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors caused by the user's input: shown as one line, never as a traceback."""
-    from fnl.engine.checkpoint import CheckpointError
-    from fnl.engine.train import NonFiniteLossError
-    from fnl.modeling import ImageShapeError
-    from fnl.utils.io import UnwritableOutputError
+# The user's to fix: fnl's own UserError, an input file that is not there, an output that already is.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, FileExistsError)
+BUG_REPORT = ("this is a bug in fnl, not a mistake in the command: please report it with the traceback above and "
+              "the command line")
 
-    errors: list[type[BaseException]] = [ConfigError, CheckpointError, NonFiniteLossError, ImageShapeError,
-                                         FileNotFoundError, FileExistsError, UnwritableOutputError]
-    try:
-        from fnl.data import DatasetError
 
-        errors.append(DatasetError)
-    except ImportError:
-        pass
-    return tuple(errors)
+def _log_line(line: str) -> None:
+    """``line`` into the run's log.txt too, when it has one: a log must say why the run ended."""
+    for handler in logging.getLogger("fnl").handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(logging.makeLogRecord({"name": "fnl", "levelno": logging.ERROR, "levelname": "ERROR",
+                                                  "msg": line}))
 
 
 def run_cli(main: Callable[[], int | None], prog: str) -> int:
+    """``main``'s exit status; a ``USER_ERRORS`` error (or a full / read-only disk) as one line ``PROG: error: ...``,
+    status 2; any other exception, a bug, with its traceback and ``BUG_REPORT``, status 1."""
+    from fnl.utils.io import describe_disk_error
     from fnl.utils.logging import close_log_files
 
     close_log_files()  # a command logs into its own output only (several may run in one process)
 
     def fail(message: str) -> int:
-        """The error on stderr and, when the run has one, in its log.txt: a log must say why it ends."""
         line = f"{prog}: error: {message}"
         print(line, file=sys.stderr)
-        for handler in logging.getLogger("fnl").handlers:
-            if isinstance(handler, logging.FileHandler):
-                handler.handle(logging.makeLogRecord({"name": "fnl", "levelno": logging.ERROR,
-                                                      "levelname": "ERROR", "msg": line}))
+        _log_line(line)
         return 2
 
     try:
         return int(main() or 0)
-    except user_errors() as exc:
+    except USER_ERRORS as exc:
         return fail(str(exc))
-    except ValueError as exc:
-        # Config values that fail validation deep in model construction raise ValueError with the key named.
-        return fail(str(exc))
-    except OSError as exc:
-        # A disk that fills up or turns read-only during the run: one line naming the file, not a traceback.
-        from fnl.utils.io import describe_disk_error
-
-        message = describe_disk_error(exc)
-        if message is None:
-            raise
-        return fail(message)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # A disk that fills up or turns read-only during the run: one line naming the file, not a traceback.
+        message = describe_disk_error(exc) if isinstance(exc, OSError) else None
+        if message is not None:
+            return fail(message)
+        traceback.print_exc()
+        line = f"{prog}: {BUG_REPORT}"
+        print(line, file=sys.stderr)
+        _log_line(f"{line}\n{traceback.format_exc()}")
+        return 1
 
 
 def ensure_dir(path: str | Path) -> Path:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 from fnl.cli.common import add_config_arguments, config_from_args, ensure_dir, run_cli
 from fnl.config import CfgNode
+from fnl.utils.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -82,14 +83,15 @@ def _export(args: argparse.Namespace) -> int:
 
     check_output_dir(args.output)
     if args.input_size is not None and args.input_size < 32:
-        raise ValueError(f"--input-size must be at least 32, got {args.input_size}")
+        raise InvalidArgumentError(f"--input-size must be at least 32, got {args.input_size}")
     if args.verify_images < 1:
-        raise ValueError(f"--verify-images must be at least 1, got {args.verify_images}")
+        raise InvalidArgumentError(f"--verify-images must be at least 1, got {args.verify_images}")
     if args.format == "executorch":
         return _export_executorch(args)
     if args.from_quantize:
         if args.format != "onnx":
-            raise ValueError("--from-quantize writes ONNX exports and their report; export Caffe2 with --ckpt")
+            raise InvalidArgumentError("--from-quantize writes ONNX exports and their report; export Caffe2 with "
+                                       "--ckpt")
         return _export_and_report(args)
     cfg = _config(args)
     model = _load_model(cfg, args.ckpt, args.unsafe_load)
@@ -146,12 +148,9 @@ def _export_executorch(args: argparse.Namespace) -> int:
     with the PyTorch PT2E model)."""
     from pathlib import Path
 
-    from fnl.qat.pt2e import PT2EUnavailableError, require_pt2e
+    from fnl.qat.pt2e import require_pt2e
 
-    try:
-        require_pt2e()
-    except PT2EUnavailableError as exc:
-        raise ValueError(str(exc)) from exc
+    require_pt2e()
     from fnl.cli.common import ensure_dataset
     from fnl.export.executorch import (
         EXECUTORCH_DIR,
@@ -164,8 +163,8 @@ def _export_executorch(args: argparse.Namespace) -> int:
     from fnl.qat.pt2e import load_pt2e_checkpoint
 
     if args.config or args.opts:
-        raise ValueError("--format executorch uses the config stored in the PT2E checkpoint: drop --config and "
-                         "KEY VALUE overrides")
+        raise InvalidArgumentError("--format executorch uses the config stored in the PT2E checkpoint: drop --config "
+                                   "and KEY VALUE overrides")
     output = Path(args.output)
     if args.from_quantize:
         document = export_executorch_and_report(args.from_quantize, output, ensure_dataset(args.data), args.threads,
@@ -220,8 +219,8 @@ def _export_and_report(args: argparse.Namespace) -> int:
     from fnl.utils.io import refuse_overwrite
 
     if args.config or args.opts:
-        raise ValueError("--from-quantize uses the configs stored in its checkpoints: drop --config and KEY VALUE "
-                         "overrides (use --input-size and --data)")
+        raise InvalidArgumentError("--from-quantize uses the configs stored in its checkpoints: drop --config and KEY "
+                                   "VALUE overrides (use --input-size and --data)")
     output = Path(args.output)
     for name in OUTPUTS:
         refuse_overwrite(output / name, args.force)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fnl.cli.common import ensure_dataset, run_cli
 from fnl.qat.serialization import load_model_for_inference
+from fnl.utils.errors import InvalidArgumentError
 
 
 def results_of(source: str, data: str | None, threads: int) -> dict:
@@ -20,7 +21,7 @@ def results_of(source: str, data: str | None, threads: int) -> dict:
         try:
             return json.loads(path.read_text())
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not JSON: {exc}") from exc
+            raise InvalidArgumentError(f"{path} is not JSON: {exc}") from exc
     import torch
 
     from fnl.engine.inference import evaluate_model

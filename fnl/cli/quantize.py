@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from fnl.cli.common import ensure_dataset, run_cli
+from fnl.utils.errors import InvalidArgumentError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,18 +50,15 @@ def run(args: argparse.Namespace) -> int:
 
     # Conflicting options first: they need no file to be refused.
     if args.engine == "pt2e" and args.backend:
-        raise ValueError(f"--backend {args.backend} selects a torch.ao eager engine; --engine pt2e always "
-                         "quantizes for XNNPACK (ExecuTorch's quantizer and kernels): drop --backend")
+        raise InvalidArgumentError(f"--backend {args.backend} selects a torch.ao eager engine; --engine pt2e always "
+                                   "quantizes for XNNPACK (ExecuTorch's quantizer and kernels): drop --backend")
     check_output_dir(args.output)
     # Before the dataset, which may be generated on first use: a wrong checkpoint must fail in seconds.
     check_float_checkpoint(args.ckpt, read_checkpoint(args.ckpt, args.unsafe_load))
     if args.engine == "pt2e":
-        from fnl.qat.pt2e import PT2EUnavailableError, require_pt2e
+        from fnl.qat.pt2e import require_pt2e
 
-        try:
-            require_pt2e()
-        except PT2EUnavailableError as exc:
-            raise ValueError(str(exc)) from exc
+        require_pt2e()
     output = Path(args.output)
     int8_path = output / int8_checkpoint_names(args.engine)[0]
     if int8_path.exists() and not (args.force or args.resume):

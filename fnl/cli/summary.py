@@ -7,6 +7,7 @@ import json
 import sys
 
 from fnl.cli.common import add_config_arguments, config_from_args, run_cli
+from fnl.utils.errors import InvalidArgumentError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         from fnl.modeling import build_model
 
         if args.input_size < 32:
-            raise ValueError(f"--input-size must be at least 32, got {args.input_size}")
+            raise InvalidArgumentError(f"--input-size must be at least 32, got {args.input_size}")
         summary = summarize(build_model(config_from_args(args, ["MODEL.DEVICE", "cpu"])), args.input_size)
         print(json.dumps(summary) if args.json else format_summary(args.config, summary))
         return 0

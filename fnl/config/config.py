@@ -14,10 +14,12 @@ from typing import Any
 
 import yaml
 
+from fnl.utils.errors import UserError
+
 BASE_KEY = "_BASE_"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override is wrong; the message names the key and where it came from."""
 
 

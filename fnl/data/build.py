@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from fnl.config import CfgNode
+from fnl.config import CfgNode, ConfigError
 from fnl.data.catalog import load_split
 from fnl.data.densepose_coco import DatasetError
 from fnl.data.mapper import DatasetMapper
@@ -108,8 +108,8 @@ def build_train_loader(cfg: CfgNode, dataset_dicts: list[dict] | None = None, st
     images per batch. ``start_iter``: the batches of the iterations before it are skipped (``--resume``)."""
     rank, world_size = distributed_rank_and_size()
     if cfg.SOLVER.IMS_PER_BATCH % world_size:
-        raise ValueError(f"SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH}) must be divisible by the number of "
-                         f"processes ({world_size})")
+        raise ConfigError(f"SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH}) must be divisible by the number of "
+                          f"processes ({world_size})")
     if dataset_dicts is None:
         dataset_dicts = get_dataset_dicts(cfg.DATASETS.ROOT, cfg.DATASETS.TRAIN,
                                           filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)

@@ -27,12 +27,13 @@ import numpy as np
 import pycocotools.mask as mask_utils
 
 from fnl.data.parts import MASK_SIZE, NUM_COARSE_PARTS, NUM_FINE_PARTS
+from fnl.utils.errors import UserError
 
 DP_POINT_KEYS = ("dp_x", "dp_y", "dp_I", "dp_U", "dp_V")
 DP_MASKS_KEY = "dp_masks"
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset file is missing or malformed; the message names the file, image id and annotation id at fault."""
 
 

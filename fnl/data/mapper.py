@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fnl.config import CfgNode
+from fnl.config import CfgNode, ConfigError
 from fnl.data.catalog import uv_symmetry_file
 from fnl.data.densepose_coco import DatasetError, DatasetFileNotFoundError
 from fnl.data.images import ImageReadError, load_image
@@ -40,9 +40,9 @@ class DatasetMapper:
     def __init__(self, cfg: CfgNode, is_train: bool, transform_data: DensePoseTransformData | None = None) -> None:
         self.is_train = is_train
         if cfg.INPUT.FORMAT != "RGB":
-            raise ValueError(f"INPUT.FORMAT '{cfg.INPUT.FORMAT}' is not supported; the models take RGB images")
+            raise ConfigError(f"INPUT.FORMAT '{cfg.INPUT.FORMAT}' is not supported; the models take RGB images")
         if cfg.INPUT.RANDOM_FLIP not in FLIP_MODES:
-            raise ValueError(f"INPUT.RANDOM_FLIP must be one of {FLIP_MODES}, got '{cfg.INPUT.RANDOM_FLIP}'")
+            raise ConfigError(f"INPUT.RANDOM_FLIP must be one of {FLIP_MODES}, got '{cfg.INPUT.RANDOM_FLIP}'")
         if is_train:
             self.min_sizes = tuple(int(s) for s in cfg.INPUT.MIN_SIZE_TRAIN)
             self.max_size = int(cfg.INPUT.MAX_SIZE_TRAIN)
@@ -50,7 +50,7 @@ class DatasetMapper:
             self.min_sizes = (int(cfg.INPUT.MIN_SIZE_TEST),)
             self.max_size = int(cfg.INPUT.MAX_SIZE_TEST)
         if not self.min_sizes or min(self.min_sizes) <= 0 or self.max_size <= 0:
-            raise ValueError(f"input sizes must be positive, got min {self.min_sizes}, max {self.max_size}")
+            raise ConfigError(f"input sizes must be positive, got min {self.min_sizes}, max {self.max_size}")
         self.flip = is_train and cfg.INPUT.RANDOM_FLIP == "horizontal"
         if self.flip and transform_data is None:
             transform_data = DensePoseTransformData.load(uv_symmetry_file(cfg.DATASETS.ROOT))

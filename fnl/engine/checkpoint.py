@@ -17,9 +17,9 @@ import pickle
 import re
 import sys
 import zipfile
-from importlib import resources
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from torch import nn
 
 import fnl
 from fnl.config import CfgNode, ConfigError, get_cfg, load_config
+from fnl.utils.errors import UserError
 from fnl.utils.io import atomic_path
 
 logger = logging.getLogger("fnl")
@@ -37,7 +38,7 @@ ZOO_PREFIX = "zoo:"
 MODEL_ZOO_DIR = Path(str(resources.files("fnl") / "model_zoo"))
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint is missing, unreadable, unsafe, or does not fit the model; the message names the file."""
 
 

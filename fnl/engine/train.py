@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from fnl.config import CfgNode
+from fnl.config import CfgNode, ConfigError
 from fnl.data import build_train_loader
 from fnl.engine.checkpoint import (
     checkpoints_kept,
@@ -28,6 +28,7 @@ from fnl.engine.checkpoint import (
 )
 from fnl.engine.inference import evaluate_model
 from fnl.modeling import build_model
+from fnl.utils.errors import UserError
 from fnl.utils.io import remove_stale_temporaries, write_json_atomic, write_text_atomic
 from fnl.utils.logging import setup_logger
 
@@ -35,7 +36,7 @@ logger = logging.getLogger("fnl")
 LAST_CHECKPOINT = "last_checkpoint"
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """A loss (or the weights) became NaN or infinite; the message names the iteration and each loss term.
 
     ``last_good`` is the (file name, iteration) that ``run_iterations`` last passed to ``save`` whose weights then
@@ -82,7 +83,7 @@ OPTIMIZERS = ("SGD", "AdamW")
 def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
     """SOLVER.OPTIMIZER (SGD with momentum, or AdamW); norm layers get WEIGHT_DECAY_NORM, as detectron2 does."""
     if cfg.SOLVER.OPTIMIZER not in OPTIMIZERS:
-        raise ValueError(f"SOLVER.OPTIMIZER '{cfg.SOLVER.OPTIMIZER}' is not one of {', '.join(OPTIMIZERS)}")
+        raise ConfigError(f"SOLVER.OPTIMIZER '{cfg.SOLVER.OPTIMIZER}' is not one of {', '.join(OPTIMIZERS)}")
     norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
     decay, no_decay = [], []
     for module in model.modules():

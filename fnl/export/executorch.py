@@ -51,6 +51,7 @@ from fnl.qat.pt2e import (
 )
 from fnl.qat.regions import region_captures, run_per_level
 from fnl.qat.serialization import load_model_for_inference
+from fnl.utils.errors import InvalidArgumentError, UserError
 from fnl.utils.io import refuse_overwrite, write_bytes_atomic, write_json_atomic
 from fnl.utils.modules import eval_mode
 
@@ -59,7 +60,7 @@ MAX_PLANNED_ROIS = 1024  # more RoIs run in chunks (ExecuTorchRegion)
 FORMAT = "fnl-executorch-1"
 
 
-class ExecuTorchModelError(ValueError):
+class ExecuTorchModelError(UserError, ValueError):
     """An export directory is missing files or was not written by ``to_executorch``; names the path."""
 
 
@@ -219,8 +220,9 @@ class ExecuTorchRegion(nn.Module):
     def _run_padded(self, images: torch.Tensor) -> Any:
         (height, width), (program_height, program_width) = images.shape[-2:], self.image_size
         if images.shape[0] != 1 or height > program_height or width > program_width:
-            raise ValueError(f"the ExecuTorch backbone program takes one image of at most {program_height}x"
-                             f"{program_width} (padded), got {tuple(images.shape)}: export with a larger --input-size")
+            raise InvalidArgumentError(f"the ExecuTorch backbone program takes one image of at most {program_height}x"
+                                       f"{program_width} (padded), got {tuple(images.shape)}: export with a larger "
+                                       "--input-size")
         padded = torch.nn.functional.pad(images, (0, program_width - width, 0, program_height - height))
         outputs = self._execute([padded])
         cropped = [t[..., :math.ceil(t.shape[-2] * height / program_height),
@@ -234,7 +236,7 @@ class ExecuTorchRegion(nn.Module):
 def _set_threads(threads: int) -> None:
     """XNNPACK's thread pool size (process-wide in the ExecuTorch runtime)."""
     if threads < 1:
-        raise ValueError(f"threads must be at least 1, got {threads}")
+        raise InvalidArgumentError(f"threads must be at least 1, got {threads}")
     from executorch.extension.pybindings import portable_lib  # optional extra: imported only when used
 
     portable_lib._unsafe_reset_threadpool(threads)

@@ -41,6 +41,7 @@ from fnl.export.graph_compaction import compact_graph
 from fnl.export.runtime import BOX_OUTPUTS, DENSEPOSE_OUTPUTS, INPUT_NAME, PREPROCESSING_KEY, Preprocessing
 from fnl.hooks.registry import HOOK_KINDS, has_forward_hooks
 from fnl.modeling import GeneralizedRCNN
+from fnl.utils.errors import InvalidArgumentError
 from fnl.utils.io import atomic_path
 from fnl.utils.modules import eval_mode
 
@@ -102,8 +103,9 @@ def to_onnx(model: GeneralizedRCNN, path: str | Path, sample_image: torch.Tensor
     """
     image = _export_sample(sample_image)
     if preprocessing is not None and preprocessing.size_divisibility != model.size_divisibility:
-        raise ValueError(f"preprocessing says INPUT.SIZE_DIVISIBILITY {preprocessing.size_divisibility}, the model "
-                         f"pads to multiples of {model.size_divisibility}: pass the model's own config")
+        raise InvalidArgumentError(f"preprocessing says INPUT.SIZE_DIVISIBILITY {preprocessing.size_divisibility}, "
+                                   f"the model pads to multiples of {model.size_divisibility}: pass the model's own "
+                                   "config")
     wrapper = ExportableRCNN(model)
     names = wrapper.output_names
     dynamic_axes = {INPUT_NAME: {2: "height", 3: "width"}, **{name: {0: "detections"} for name in names}}

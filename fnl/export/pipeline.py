@@ -37,6 +37,7 @@ from fnl.export.ort_quantize import ort_static_ptq
 from fnl.export.runtime import OnnxPredictor, Preprocessing
 from fnl.export.verify import FLOAT32, INT8, VerificationReport, ap_rows, verify_onnx
 from fnl.qat.serialization import load_model_for_inference
+from fnl.utils.errors import InvalidArgumentError
 
 logger = logging.getLogger("fnl")
 
@@ -64,8 +65,8 @@ def export_and_report(quantize_dir: str | Path, export_dir: str | Path, data_roo
     float_checkpoint, int8_checkpoint, overrides = quantize_outputs(quantize_dir, INT8_CHECKPOINT, "fnl-quantize",
                                                                     data_root, input_size)
     if verify_images < 1 or calibration_images < 1:
-        raise ValueError(f"verify_images and calibration_images must be at least 1, got {verify_images} and "
-                         f"{calibration_images}")
+        raise InvalidArgumentError(f"verify_images and calibration_images must be at least 1, got {verify_images} and "
+                                   f"{calibration_images}")
     with torch_threads(threads):
         float_model, cfg = load_model_for_inference(str(float_checkpoint), None, overrides)
         int8_model, _ = load_model_for_inference(str(int8_checkpoint), None, overrides)
@@ -156,7 +157,7 @@ def split_images(cfg: CfgNode, split: str, count: int) -> list[torch.Tensor]:
 @contextmanager
 def torch_threads(threads: int) -> Iterator[None]:
     if threads < 1:
-        raise ValueError(f"threads must be at least 1, got {threads}")
+        raise InvalidArgumentError(f"threads must be at least 1, got {threads}")
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -27,6 +27,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from PIL import Image
 
 from fnl.data.transforms import resize_image, shortest_edge_size
+from fnl.utils.errors import UserError
 
 # The graph's interface, shared with the exporter (fnl.export.onnx) so both sides name things the same way.
 INPUT_NAME = "image"
@@ -39,7 +40,7 @@ _ORT_LOAD_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.Invalid
                     ort_state.NoSuchFile, ort_state.NotImplemented, ort_state.RuntimeException)
 
 
-class OnnxModelError(ValueError):
+class OnnxModelError(UserError, ValueError):
     """An ONNX file is missing, unreadable, or not a model exported by ``fnl.export.to_onnx``; names the file."""
 
 

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from fnl.config import ConfigError
+
 
 class AnchorGenerator(nn.Module):
     def __init__(self, sizes: list[list[float]], aspect_ratios: list[list[float]], strides: list[int],
@@ -15,7 +17,7 @@ class AnchorGenerator(nn.Module):
         if len(aspect_ratios) == 1:
             aspect_ratios = aspect_ratios * len(sizes)
         if not (len(sizes) == len(aspect_ratios) == len(strides)):
-            raise ValueError(f"MODEL.ANCHOR_GENERATOR: {len(sizes)} SIZES for {len(strides)} feature levels")
+            raise ConfigError(f"MODEL.ANCHOR_GENERATOR: {len(sizes)} SIZES for {len(strides)} feature levels")
         self.strides = list(strides)
         self.offset = offset
         for i, (level_sizes, level_ratios) in enumerate(zip(sizes, aspect_ratios, strict=True)):

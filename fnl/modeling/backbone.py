@@ -10,7 +10,7 @@ import timm
 from timm.layers import convert_sync_batchnorm, freeze_batch_norm_2d
 from torch import nn
 
-from fnl.config import CfgNode
+from fnl.config import CfgNode, ConfigError
 from fnl.modeling.resnet import DETECTRON2_RESNET_BUILDERS, build_detectron2_resnet
 
 
@@ -22,12 +22,12 @@ def create_bottom_up(name: str, out_indices: list[int], feature_location: str = 
     forward pre-hooks on ``conv_pwl``; those hooks are what quantization must keep alive (see ``fnl.hooks``).
     """
     if feature_location not in ("bottleneck", "expansion"):
-        raise ValueError(
+        raise ConfigError(
             f"MODEL.BACKBONE.FEATURE_LOCATION must be 'bottleneck' or 'expansion', got '{feature_location}'"
         )
     kwargs = {"feature_location": feature_location} if feature_location != "bottleneck" else {}
     if name not in timm.list_models():
-        raise ValueError(f"MODEL.BACKBONE.NAME '{name}' is not a timm model")
+        raise ConfigError(f"MODEL.BACKBONE.NAME '{name}' is not a timm model")
     model = timm.create_model(name, pretrained=pretrained, features_only=True, out_indices=tuple(out_indices), **kwargs)
     _freeze(model, freeze_at)
     if norm == "FrozenBN":
@@ -35,7 +35,7 @@ def create_bottom_up(name: str, out_indices: list[int], feature_location: str = 
     elif norm == "SyncBN":
         model = convert_sync_batchnorm(model)
     elif norm != "BN":
-        raise ValueError(f"MODEL.BACKBONE.NORM must be 'BN', 'SyncBN' or 'FrozenBN', got '{norm}'")
+        raise ConfigError(f"MODEL.BACKBONE.NORM must be 'BN', 'SyncBN' or 'FrozenBN', got '{norm}'")
     return model
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from torch.ao.nn.quantized import FloatFunctional
 from torch.nn import functional as F
 
-from fnl.config import CfgNode
+from fnl.config import CfgNode, ConfigError
 from fnl.modeling.layers import ConvNormAct, init_conv_weights
 
 
@@ -64,8 +64,8 @@ class DensePoseHead(nn.Module):
                  dilations: list[int], nonlocal_on: bool, norm: str = "") -> None:
         super().__init__()
         if name not in ("DensePoseDeepLabHead", "DensePoseV1ConvXHead"):
-            raise ValueError(f"MODEL.ROI_DENSEPOSE_HEAD.NAME '{name}' is not one of "
-                             "'DensePoseDeepLabHead', 'DensePoseV1ConvXHead'")
+            raise ConfigError(f"MODEL.ROI_DENSEPOSE_HEAD.NAME '{name}' is not one of "
+                              "'DensePoseDeepLabHead', 'DensePoseV1ConvXHead'")
         channels = in_channels
         self.ASPP = ASPP(in_channels, in_channels, dilations, norm) if name == "DensePoseDeepLabHead" else nn.Identity()
         self.NLBlock = NonLocalBlock(in_channels) if nonlocal_on else nn.Identity()
@@ -92,8 +92,8 @@ class DensePoseDecoder(nn.Module):
         super().__init__()
         too_fine = [f for f in in_features if strides[f] < common_stride]
         if too_fine:
-            raise ValueError(f"MODEL.ROI_DENSEPOSE_HEAD.DECODER_COMMON_STRIDE {common_stride} is coarser than the "
-                             f"stride of {too_fine}; the decoder only up-samples")
+            raise ConfigError(f"MODEL.ROI_DENSEPOSE_HEAD.DECODER_COMMON_STRIDE {common_stride} is coarser than the "
+                              f"stride of {too_fine}; the decoder only up-samples")
         self.in_features = list(in_features)
         for name in self.in_features:
             ops: list[nn.Module] = []
@@ -162,8 +162,8 @@ def build_densepose_head_and_predictor(cfg: CfgNode, in_channels: int) -> tuple[
     dp = cfg.MODEL.ROI_DENSEPOSE_HEAD
     expected = 2 * dp.POOLER_RESOLUTION * dp.UP_SCALE
     if expected != dp.HEATMAP_SIZE:
-        raise ValueError(f"MODEL.ROI_DENSEPOSE_HEAD.HEATMAP_SIZE {dp.HEATMAP_SIZE} must equal "
-                         f"2 * POOLER_RESOLUTION * UP_SCALE = {expected}")
+        raise ConfigError(f"MODEL.ROI_DENSEPOSE_HEAD.HEATMAP_SIZE {dp.HEATMAP_SIZE} must equal "
+                          f"2 * POOLER_RESOLUTION * UP_SCALE = {expected}")
     head = DensePoseHead(in_channels, dp.NAME, dp.NUM_STACKED_CONVS, dp.CONV_HEAD_DIM, dp.CONV_HEAD_KERNEL,
                          dp.ASPP_DILATIONS, dp.NONLOCAL_ON, dp.NORM)
     predictor = DensePosePredictor(head.out_channels, dp.NUM_PATCHES, dp.NUM_COARSE_SEGM_CHANNELS,

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fnl.config import ConfigError
+
 
 def norm_layer(norm: str, channels: int) -> nn.Module:
     """BatchNorm by name as detectron2 spells it; "" means no norm."""
@@ -19,7 +21,7 @@ def norm_layer(norm: str, channels: int) -> nn.Module:
         from torchvision.ops.misc import FrozenBatchNorm2d
 
         return FrozenBatchNorm2d(channels)
-    raise ValueError(f"unknown norm '{norm}'; expected one of '', 'BN', 'SyncBN', 'FrozenBN'")
+    raise ConfigError(f"unknown norm '{norm}'; expected one of '', 'BN', 'SyncBN', 'FrozenBN'")
 
 
 class ConvNormAct(nn.Sequential):

@@ -6,13 +6,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fnl.config import CfgNode
+from fnl.config import CfgNode, ConfigError
 from fnl.modeling.necks import build_backbone
 from fnl.modeling.roi_heads import DensePoseROIHeads
 from fnl.modeling.rpn import RPN
+from fnl.utils.errors import UserError
 
 
-class ImageShapeError(ValueError):
+class ImageShapeError(UserError, ValueError):
     """An input image has the wrong rank, channel count or dtype."""
 
 
@@ -114,6 +115,6 @@ def postprocess(detections: dict, input_size: tuple[int, int], output_size: tupl
 
 def build_model(cfg: CfgNode) -> GeneralizedRCNN:
     if cfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN":
-        raise ValueError(f"MODEL.META_ARCHITECTURE '{cfg.MODEL.META_ARCHITECTURE}' is not supported; "
-                         "use 'GeneralizedRCNN'")
+        raise ConfigError(f"MODEL.META_ARCHITECTURE '{cfg.MODEL.META_ARCHITECTURE}' is not supported; "
+                          "use 'GeneralizedRCNN'")
     return GeneralizedRCNN(cfg).to(cfg.MODEL.DEVICE)

@@ -8,7 +8,7 @@ from torch import nn
 from torch.ao.nn.quantized import FloatFunctional
 from torch.nn import functional as F
 
-from fnl.config import CfgNode
+from fnl.config import CfgNode, ConfigError
 from fnl.modeling.backbone import build_bottom_up, feature_names
 from fnl.modeling.layers import ConvNormAct, SeparableConvNormAct, resize_nearest
 
@@ -155,4 +155,4 @@ def build_backbone(cfg: CfgNode) -> nn.Module:
         return FPN(bottom_up, neck.OUT_CHANNELS, neck.NORM)
     if neck.NAME == "BiFPN":
         return BiFPN(bottom_up, neck.OUT_CHANNELS, neck.NUM_REPEATS, neck.FUSE_EPS, neck.NORM)
-    raise ValueError(f"MODEL.NECK.NAME must be 'FPN' or 'BiFPN', got '{neck.NAME}'")
+    raise ConfigError(f"MODEL.NECK.NAME must be 'FPN' or 'BiFPN', got '{neck.NAME}'")

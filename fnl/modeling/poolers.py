@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torchvision.ops import roi_align
 
+from fnl.config import ConfigError
+
 
 def boxes_to_rois(boxes: list[torch.Tensor]) -> torch.Tensor:
     """Per-image (R, 4) boxes -> (sum R, 5) with the batch index first, as torchvision's roi_align takes them."""
@@ -20,7 +22,7 @@ class ROIPooler(nn.Module):
                  canonical_box_size: int = 224, canonical_level: int = 4) -> None:
         super().__init__()
         if pooler_type not in ("ROIAlignV2", "ROIAlign"):
-            raise ValueError(f"POOLER_TYPE must be 'ROIAlignV2' or 'ROIAlign', got '{pooler_type}'")
+            raise ConfigError(f"POOLER_TYPE must be 'ROIAlignV2' or 'ROIAlign', got '{pooler_type}'")
         self.output_size = output_size
         self.scales = [1.0 / s for s in strides]
         self.sampling_ratio = sampling_ratio

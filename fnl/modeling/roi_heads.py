@@ -8,7 +8,7 @@ from torch.nn import functional as F
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
-from fnl.config import CfgNode
+from fnl.config import CfgNode, ConfigError
 from fnl.modeling.densepose import (
     DensePoseDecoder,
     DensePoseLoss,
@@ -74,7 +74,7 @@ class DensePoseROIHeads(nn.Module):
         for key, names in (("ROI_HEADS", heads.IN_FEATURES), ("ROI_DENSEPOSE_HEAD", dp.IN_FEATURES)):
             missing = [f for f in names if f not in strides]
             if missing:
-                raise ValueError(f"MODEL.{key}.IN_FEATURES names {missing}, the neck gives {list(strides)}")
+                raise ConfigError(f"MODEL.{key}.IN_FEATURES names {missing}, the neck gives {list(strides)}")
         self.num_classes = heads.NUM_CLASSES
         self.in_features = list(heads.IN_FEATURES)
         self.box_pooler = ROIPooler(box.POOLER_RESOLUTION, [strides[f] for f in self.in_features],

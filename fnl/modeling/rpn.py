@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 
-from fnl.config import CfgNode
+from fnl.config import CfgNode, ConfigError
 from fnl.modeling.anchors import AnchorGenerator
 
 # detectron2's clamp on dw/dh before exp(): boxes at most 1000/16 times their anchor.
@@ -56,7 +56,7 @@ class RPN(nn.Module):
         self.in_features = list(rpn.IN_FEATURES)
         missing = [f for f in self.in_features if f not in strides]
         if missing:
-            raise ValueError(f"MODEL.RPN.IN_FEATURES names {missing}, the neck gives {list(strides)}")
+            raise ConfigError(f"MODEL.RPN.IN_FEATURES names {missing}, the neck gives {list(strides)}")
         self.anchor_generator = AnchorGenerator(anchors.SIZES, anchors.ASPECT_RATIOS,
                                                 [strides[f] for f in self.in_features], anchors.OFFSET)
         self.rpn_head = StandardRPNHead(in_channels, self.anchor_generator.num_anchors)
@@ -71,7 +71,7 @@ class RPN(nn.Module):
         self.post_nms_topk = {True: rpn.POST_NMS_TOPK_TRAIN, False: rpn.POST_NMS_TOPK_TEST}
         self.nms_thresh = {True: rpn.NMS_THRESH, False: rpn.NMS_THRESH_TEST}
         if rpn.POST_NMS_TOPK_PER not in ("level", "image"):
-            raise ValueError(f"MODEL.RPN.POST_NMS_TOPK_PER must be 'level' or 'image', got '{rpn.POST_NMS_TOPK_PER}'")
+            raise ConfigError(f"MODEL.RPN.POST_NMS_TOPK_PER must be 'level' or 'image', got '{rpn.POST_NMS_TOPK_PER}'")
         self.post_nms_topk_per_image = rpn.POST_NMS_TOPK_PER == "image"
 
     def forward(self, features: dict[str, torch.Tensor], image_sizes: list[tuple[int, int]],

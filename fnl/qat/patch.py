@@ -27,6 +27,7 @@ from torch import nn
 from torch.ao.nn.quantized import FloatFunctional
 from torch.ao.quantization import DeQuantStub, QuantStub
 
+from fnl.config import ConfigError
 from fnl.modeling.densepose import NonLocalBlock
 
 
@@ -229,7 +230,7 @@ def patch_for_quantization(model: nn.Module, float_modules: list[str] | tuple[st
         try:
             model.get_submodule(name)
         except AttributeError as exc:
-            raise ValueError(f"QUANTIZATION.FLOAT_MODULES names '{name}', which is not a module of the model") from exc
+            raise ConfigError(f"QUANTIZATION.FLOAT_MODULES names '{name}', which is not a module of the model") from exc
         island(name, "QUANTIZATION.FLOAT_MODULES")
     for name, module in list(model.named_modules()):
         if isinstance(module, NonLocalBlock) and not _inside_island(model, name):

@@ -14,6 +14,7 @@ from fnl.data import build_train_loader
 from fnl.qat.pt2e import convert_pt2e_model, prepare_pt2e_model
 from fnl.qat.quantize import QuantizationStages, calibrate, check_int8_kernels, convert, prepare
 from fnl.qat.train import quantization_aware_training
+from fnl.utils.errors import InvalidArgumentError
 
 logger = logging.getLogger("fnl")
 
@@ -37,7 +38,7 @@ def engine_stages(engine: str) -> tuple[Callable[..., nn.Module], Callable[..., 
         return prepare, convert
     if engine == "pt2e":
         return prepare_pt2e_model, convert_pt2e_model
-    raise ValueError(f"quantization engine must be one of {ENGINES}, got '{engine}'")
+    raise InvalidArgumentError(f"quantization engine must be one of {ENGINES}, got '{engine}'")
 
 
 def quantize(float_model: nn.Module, cfg: CfgNode, mode: str | None = None, output_dir: str | Path | None = None,

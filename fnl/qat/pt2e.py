@@ -28,13 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from fnl.config import CfgNode
+from fnl.config import CfgNode, ConfigError
 from fnl.engine.checkpoint import CheckpointError, config_from_checkpoint, read_checkpoint, save_checkpoint
 from fnl.hooks import audit_hooks
 from fnl.modeling import build_model
 from fnl.qat.patch import FloatIslandRecord, QuantizedRegion, active_regions, replace_submodule
 from fnl.qat.quantize import MODES, QuantizationStages, check_weight_scales
 from fnl.qat.regions import RegionCapture, RegionModules, region_captures, run_per_level
+from fnl.utils.errors import UserError
 
 ENGINE = "pt2e"
 BACKEND = "xnnpack"
@@ -42,7 +43,7 @@ INSTALL_HINT = "pip install 'fnl[executorch]' (executorch==1.5.1 and torchao)"
 XNNPACK_MIN_SCALE = 2**-12  # the smallest scale ExecuTorch's XNNPACK quantization configs allow (their observers' eps)
 
 
-class PT2EUnavailableError(ImportError):
+class PT2EUnavailableError(UserError, ImportError):
     """torchao or ExecuTorch is not installed; names the extra to install."""
 
 
@@ -218,7 +219,7 @@ def prepare_pt2e_model(float_model: nn.Module, cfg: CfgNode, mode: str | None = 
 
     mode = mode or cfg.QUANTIZATION.MODE
     if mode not in MODES:
-        raise ValueError(f"QUANTIZATION.MODE must be one of {MODES}, got '{mode}'")
+        raise ConfigError(f"QUANTIZATION.MODE must be one of {MODES}, got '{mode}'")
     qat = mode == "qat"
     stages = stages if stages is not None else QuantizationStages()
     model = copy.deepcopy(float_model)

@@ -32,7 +32,7 @@ from torch.ao.quantization import (
 )
 from tqdm import tqdm
 
-from fnl.config import CfgNode
+from fnl.config import CfgNode, ConfigError
 from fnl.hooks import (
     HookRecord,
     audit_hooks,
@@ -52,6 +52,7 @@ from fnl.qat.patch import (
     patch_for_quantization,
 )
 from fnl.qat.regions import RegionModules
+from fnl.utils.errors import UserError
 from fnl.utils.modules import eval_mode
 
 logger = logging.getLogger("fnl")
@@ -73,10 +74,10 @@ class QuantizationStages:
 
 def select_backend(backend: str) -> None:
     if backend not in BACKENDS:
-        raise ValueError(f"QUANTIZATION.BACKEND must be one of {BACKENDS}, got '{backend}'")
+        raise ConfigError(f"QUANTIZATION.BACKEND must be one of {BACKENDS}, got '{backend}'")
     if backend not in torch.backends.quantized.supported_engines:
-        raise ValueError(f"quantized engine '{backend}' is not available in this PyTorch build "
-                         f"(available: {torch.backends.quantized.supported_engines})")
+        raise ConfigError(f"quantized engine '{backend}' is not available in this PyTorch build "
+                          f"(available: {torch.backends.quantized.supported_engines})")
     torch.backends.quantized.engine = backend
 
 
@@ -118,7 +119,7 @@ WEIGHT_SCALES = ("per-channel", "per-tensor")
 def check_weight_scales(weight_scales: str) -> None:
     """QUANTIZATION.WEIGHT_SCALES, as both engines read it."""
     if weight_scales not in WEIGHT_SCALES:
-        raise ValueError(f"QUANTIZATION.WEIGHT_SCALES must be one of {WEIGHT_SCALES}, got '{weight_scales}'")
+        raise ConfigError(f"QUANTIZATION.WEIGHT_SCALES must be one of {WEIGHT_SCALES}, got '{weight_scales}'")
 
 
 def assign_qconfig(model: nn.Module, backend: str, qat: bool, weight_scales: str = "per-channel") -> None:
@@ -139,7 +140,7 @@ def prepare(float_model: nn.Module, cfg: CfgNode, mode: str | None = None,
     """patch -> fuse -> prepare(_qat): the fake-quant (QAT) or observed (PTQ) model. ``float_model`` is untouched."""
     mode = mode or cfg.QUANTIZATION.MODE
     if mode not in MODES:
-        raise ValueError(f"QUANTIZATION.MODE must be one of {MODES}, got '{mode}'")
+        raise ConfigError(f"QUANTIZATION.MODE must be one of {MODES}, got '{mode}'")
     stages = stages if stages is not None else QuantizationStages()
     backend = cfg.QUANTIZATION.BACKEND
     select_backend(backend)
@@ -272,7 +273,7 @@ def snap_biases(int8_model: nn.Module) -> int:
     return len(input_scales)
 
 
-class Int8KernelError(ValueError):
+class Int8KernelError(UserError, ValueError):
     """A module of an int8 region has no int8 kernel in eager mode; names the module, its path and what to do."""
 
 

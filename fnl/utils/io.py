@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from fnl.utils.errors import UserError
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -67,7 +69,7 @@ def refuse_overwrite(path: str | Path, force: bool) -> None:
         raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
 
 
-class UnwritableOutputError(ValueError):
+class UnwritableOutputError(UserError, ValueError):
     """An output directory cannot be created or written; the message names it and says why."""
 
 

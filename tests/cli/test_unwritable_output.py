@@ -9,7 +9,8 @@ import fnl.cli.export
 import fnl.cli.predict
 import fnl.cli.quantize
 import fnl.cli.train
-from fnl.cli.common import run_cli
+from fnl.cli.common import BUG_REPORT, run_cli
+from fnl.utils.errors import InvalidArgumentError
 
 # Nonexistent checkpoints and dataset: had the commands touched them first, the error would name them instead.
 COMMANDS = {
@@ -65,9 +66,28 @@ def test_a_path_through_a_regular_file_is_one_line_naming_it(tmp_path, capsys):
     assert capsys.readouterr().err == f"fnl-x: error: cannot access {blocker / 'config.yaml'}: Not a directory\n"
 
 
-def test_an_error_not_about_the_disk_keeps_its_traceback():
+def test_an_error_not_about_the_disk_keeps_its_traceback(capsys):
     def broken() -> int:
         raise OSError(5, "Input/output error")
 
-    with pytest.raises(OSError, match="Input/output error"):
-        run_cli(broken, "fnl-x")
+    assert run_cli(broken, "fnl-x") == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "OSError: [Errno 5] Input/output error" in err
+    assert err.endswith(f"fnl-x: {BUG_REPORT}\n")
+
+
+def test_a_value_error_inside_fnl_is_a_bug_not_a_user_mistake(capsys):
+    def broken() -> int:
+        raise ValueError("shapes do not match")  # what a bug deep in the model raises
+
+    assert run_cli(broken, "fnl-x") == 1
+    err = capsys.readouterr().err
+    assert "ValueError: shapes do not match" in err and "error:" not in err and BUG_REPORT in err
+
+
+def test_a_user_error_is_one_line_without_traceback(capsys):
+    def wrong_flag() -> int:
+        raise InvalidArgumentError("--input-size must be at least 32, got 8")
+
+    assert run_cli(wrong_flag, "fnl-x") == 2
+    assert capsys.readouterr().err == "fnl-x: error: --input-size must be at least 32, got 8\n"

@@ -19,11 +19,11 @@ from fnl.data.catalog import (
     annotation_file,
     image_dir,
 )
+from fnl.data.surface import save_body_surface
 from fnl.data.synthetic.annotate import annotate_person
 from fnl.data.synthetic.body import build_body_surface, build_template, uv_symmetry_tables
 from fnl.data.synthetic.scene import sample_scene
 from fnl.data.transforms import save_uv_symmetry
-from fnl.evaluation.surface import save_body_surface
 from fnl.utils.io import write_bytes_atomic, write_json_atomic
 
 GENERATOR_VERSION = 1  # bump when the same seed stops giving the same data

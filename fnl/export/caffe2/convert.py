@@ -48,6 +48,7 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from fnl.export.caffe2.proto import make_op
+from fnl.utils.errors import UserError
 
 NCHW, NHWC = "NCHW", "NHWC"
 WEIGHT_SCALES = ("per-tensor", "per-channel")
@@ -55,7 +56,7 @@ _TO_NHWC = (0, 2, 3, 1)
 _AXIS_IN_NHWC = {0: 0, 1: 3, 2: 1, 3: 2}  # an NCHW axis -> the same axis of the NHWC tensor
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """An ONNX node has no Caffe2 form here; the message names the node and why."""
 
 

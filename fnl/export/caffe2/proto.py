@@ -23,6 +23,7 @@ import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format, unknown_fields
 from google.protobuf.message import DecodeError, Message
 
+from fnl.utils.errors import UserError
 from fnl.utils.io import atomic_path
 
 PACKAGE = "caffe2"
@@ -194,7 +195,7 @@ QTensorProto = _message_class("QTensorProto")
 DeviceOption = _message_class("DeviceOption")
 
 
-class Caffe2ModelError(ValueError):
+class Caffe2ModelError(UserError, ValueError):
     """A NetDef file is missing, unreadable, not a NetDef, or not a net this package wrote; names the file."""
 
 

@@ -56,6 +56,7 @@ from fnl.export.verify import (
     one_gray_level_up,
 )
 from fnl.modeling import GeneralizedRCNN
+from fnl.utils.errors import InvalidArgumentError
 from fnl.utils.modules import eval_mode
 
 FLOAT32_HEAD_ATOL = 1e-3
@@ -142,8 +143,8 @@ def _cropped(image: torch.Tensor, divisibility: int) -> torch.Tensor:
     """(3, H, W) cropped at the bottom/right to multiples of ``divisibility``."""
     height, width = (n // divisibility * divisibility for n in image.shape[-2:])
     if not (height and width):
-        raise ValueError(f"an image of size {tuple(image.shape[-2:])} is smaller than the net's size divisibility "
-                         f"({divisibility}): use larger verification images")
+        raise InvalidArgumentError(f"an image of size {tuple(image.shape[-2:])} is smaller than the net's size "
+                                   f"divisibility ({divisibility}): use larger verification images")
     return image[..., :height, :width]
 
 

@@ -46,6 +46,7 @@ from google.protobuf.message import Message
 from torch import nn
 
 import fnl
+from fnl.config import ConfigError
 from fnl.export.caffe2.convert import NCHW, NHWC, ConvertedNet, WeightRequantization, convert_onnx
 from fnl.export.caffe2.parts import (
     BOX_HEAD_OUTPUTS,
@@ -131,15 +132,15 @@ def _check_model(model: GeneralizedRCNN) -> None:
     """Refuse what the Caffe2 detection operators cannot express, naming the config key."""
     rpn, heads = model.proposal_generator, model.roi_heads
     if tuple(float(w) for w in rpn.box_coder.weights) != (1.0, 1.0, 1.0, 1.0):
-        raise ValueError(f"MODEL.RPN.BBOX_REG_WEIGHTS {rpn.box_coder.weights}: Caffe2's GenerateProposals decodes "
-                         "with weights (1, 1, 1, 1) only")
+        raise ConfigError(f"MODEL.RPN.BBOX_REG_WEIGHTS {rpn.box_coder.weights}: Caffe2's GenerateProposals decodes "
+                          "with weights (1, 1, 1, 1) only")
     for coder, key in ((rpn.box_coder, "RPN"), (heads.box_coder, "box head")):
         if not math.isclose(coder.bbox_xform_clip, BBOX_XFORM_CLIP, rel_tol=1e-6):
-            raise ValueError(f"the {key} clamps dw/dh at {coder.bbox_xform_clip}; Caffe2 clamps at log(1000/16)")
+            raise ConfigError(f"the {key} clamps dw/dh at {coder.bbox_xform_clip}; Caffe2 clamps at log(1000/16)")
     if heads.densepose_on and len(_inner(heads.densepose_pooler).scales) != 1:
-        raise ValueError(f"MODEL.ROI_DENSEPOSE_HEAD.IN_FEATURES {heads.densepose_in_features}: the Caffe2 export "
-                         "pools the DensePose head on one level (detected boxes carry no batch column for "
-                         "DistributeFpnProposals)")
+        raise ConfigError(f"MODEL.ROI_DENSEPOSE_HEAD.IN_FEATURES {heads.densepose_in_features}: the Caffe2 export "
+                          "pools the DensePose head on one level (detected boxes carry no batch column for "
+                          "DistributeFpnProposals)")
 
 
 def size_divisibility(model: GeneralizedRCNN) -> int:
