@@ -2,7 +2,7 @@
 
     ROOT/annotations/densepose_<split>.json   DensePose-COCO annotations of each split
     ROOT/images/<split>/                      the images the json's file_name entries name
-    ROOT/surface/                             body-surface evaluation files (fnl.evaluation.surface) and
+    ROOT/surface/                             body-surface evaluation files (fnl.data.surface) and
     ROOT/surface/UV_symmetry_transforms.mat   DensePose's U/V mirror tables, used by horizontal flips
 
 For DensePose-COCO, put (or link) the released ``densepose_<split>.json`` files and COCO's images there, and the

@@ -1,4 +1,5 @@
-"""fnl.evaluation: box AP and DensePose GPS AP of predictions on DensePose-COCO, and the body surface behind GPS."""
+"""fnl.evaluation: box AP and DensePose GPS AP of predictions on DensePose-COCO, and the body-surface queries behind
+GPS (the surface and its files: fnl.data.surface)."""
 
 from fnl.evaluation.densepose_coco import (
     DensePoseCOCOEvaluator,
@@ -13,34 +14,20 @@ from fnl.evaluation.results import (
     format_results_table,
     write_results_json,
 )
-from fnl.evaluation.surface import (
-    BodySurface,
-    PartVertexIndex,
-    SurfaceFileError,
-    UnsafePickleError,
-    closest_vertices,
-    geodesic_distances,
-    load_body_surface,
-    save_body_surface,
-)
+from fnl.evaluation.surface import PartVertexIndex, closest_vertices, geodesic_distances
 
 __all__ = [
     "BBOX_METRICS",
     "DENSEPOSE_METRICS",
     "GPS_SIGMA",
-    "BodySurface",
     "DensePoseCOCOEvaluator",
     "PartVertexIndex",
     "Prediction",
-    "SurfaceFileError",
-    "UnsafePickleError",
     "closest_vertices",
     "densepose_map_region",
     "format_results_table",
     "geodesic_distances",
     "ground_truth_as_predictions",
-    "load_body_surface",
     "load_densepose_coco_json",
-    "save_body_surface",
     "write_results_json",
 ]

@@ -34,6 +34,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from fnl.data.densepose_coco import read_coco_json
+from fnl.data.surface import NUM_PARTS, BodySurface, load_body_surface
 from fnl.evaluation.gps import (
     GPS_NORMALIZATIONS,
     GpsNormalization,
@@ -45,7 +46,7 @@ from fnl.evaluation.gps import (
     map_pixels,
 )
 from fnl.evaluation.results import BBOX_METRICS, DENSEPOSE_METRICS, Results
-from fnl.evaluation.surface import NUM_PARTS, BodySurface, PartVertexIndex, load_body_surface
+from fnl.evaluation.surface import PartVertexIndex
 
 logger = logging.getLogger(__name__)
 
@@ -322,7 +323,7 @@ def _run(coco_eval: COCOeval) -> None:
 class DensePoseCOCOEvaluator:
     """Box AP and DensePose GPS AP of predictions (``Prediction`` dicts) on a DensePose-COCO json.
 
-    ``surface_dir`` holds the body surface files (see ``fnl.evaluation.surface``). ``gps_normalization``:
+    ``surface_dir`` holds the body surface files (see ``fnl.data.surface``). ``gps_normalization``:
     "constant" (sigma 0.255, as DESIGN.md and the DensePose paper state it) or "per_part" (the per-part sigmas
     that detectron2's and the DensePose repository's evaluators apply to I/U/V predictions).
     Contiguous class c is the json's c-th category in id order; DensePose AP scores class 0, the person.

@@ -19,7 +19,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from fnl.evaluation.surface import BodySurface, PartVertexIndex, geodesic_distances
+from fnl.data.surface import BodySurface
+from fnl.evaluation.surface import PartVertexIndex, geodesic_distances
 
 # sigma of the DensePose paper: a geodesic error of 0.3 (about 30 cm on SMPL) gives GPS 0.5.
 GPS_SIGMA = 0.255

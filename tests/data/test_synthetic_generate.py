@@ -6,9 +6,9 @@ from PIL import Image
 
 from fnl.cli.data import main
 from fnl.data.catalog import load_split
+from fnl.data.surface import load_body_surface
 from fnl.data.synthetic import generate_synthetic_dataset, split_sizes
 from fnl.data.synthetic.generate import INFO_FILE
-from fnl.evaluation.surface import load_body_surface
 
 
 def _files(root):

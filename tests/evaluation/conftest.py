@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from synthetic_densepose import GridSurface, make_densepose_coco, make_grid_surface
 
-from fnl.evaluation import DensePoseCOCOEvaluator, save_body_surface
+from fnl.data.surface import save_body_surface
+from fnl.evaluation import DensePoseCOCOEvaluator
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial.distance import pdist
 
-from fnl.evaluation import BodySurface
+from fnl.data.surface import BodySurface
 
 GRID = 11
 PART_SIZE = 1.0

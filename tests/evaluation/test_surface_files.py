@@ -13,16 +13,17 @@ from scipy.io import loadmat, savemat
 from scipy.spatial.distance import cdist, squareform
 from synthetic_densepose import GridSurface, make_grid_surface
 
-from fnl.evaluation import (
-    PartVertexIndex,
+from fnl.data.surface import (
+    PDIST_FILE,
+    SUBDIV_FILE,
+    SURFACE_FILES,
+    TRANSFORM_FILE,
     SurfaceFileError,
     UnsafePickleError,
-    closest_vertices,
-    geodesic_distances,
     load_body_surface,
     save_body_surface,
 )
-from fnl.evaluation.surface import PDIST_FILE, SUBDIV_FILE, SURFACE_FILES, TRANSFORM_FILE
+from fnl.evaluation import PartVertexIndex, closest_vertices, geodesic_distances
 
 
 def _assert_same_surface(loaded, expected) -> None:

@@ -31,8 +31,8 @@ from scipy.spatial import cKDTree
 from scipy.spatial.distance import cdist, squareform
 
 from fnl.data.parts import NUM_FINE_PARTS, POINT_LABEL_SYMMETRIES
+from fnl.data.surface import BodySurface
 from fnl.data.transforms import UV_TABLE_SIZE
-from fnl.evaluation.surface import BodySurface
 
 MIRROR = np.diag([-1.0, 1.0, 1.0])  # reflection through the body's sagittal plane X = 0
 EVALUATION_SUBDIVISION = 2  # the evaluation vertex table samples each chart this much finer than the mesh
