@@ -36,6 +36,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from scipy.io import loadmat, savemat
 
+from fnl.utils.errors import UserError
 from fnl.utils.io import atomic_path
 
 NUM_PARTS = 24
@@ -64,7 +65,7 @@ class BodySurface:
     num_mesh_vertices: int
 
 
-class SurfaceFileError(ValueError):
+class SurfaceFileError(UserError, ValueError):
     """A body surface file is unreadable, incomplete or inconsistent; the message names the file."""
 
 

@@ -24,6 +24,7 @@ from fnl.data.synthetic.annotate import annotate_person
 from fnl.data.synthetic.body import build_body_surface, build_template, uv_symmetry_tables
 from fnl.data.synthetic.scene import sample_scene
 from fnl.data.transforms import save_uv_symmetry
+from fnl.utils.errors import InvalidArgumentError
 from fnl.utils.io import write_bytes_atomic, write_json_atomic
 
 GENERATOR_VERSION = 1  # bump when the same seed stops giving the same data
@@ -35,7 +36,7 @@ CATEGORIES = [{"id": 1, "name": "person", "supercategory": "person"}]
 def split_sizes(num_images: int, val_fraction: float) -> tuple[int, int]:
     """(train, val) image counts; the last ``val`` images form the val split."""
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise InvalidArgumentError(f"val_fraction must be in [0, 1), got {val_fraction}")
     num_val = int(round(num_images * val_fraction))
     if val_fraction > 0 and num_images >= 2:
         num_val = min(max(num_val, 1), num_images - 1)  # both splits non-empty
@@ -81,11 +82,11 @@ def generate_synthetic_dataset(out_dir: str | Path, num_images: int, seed: int =
     and return ``out_dir``. The same arguments give the same files, whatever ``workers`` is. Annotation files are
     written last, so an interrupted run leaves no json pointing at missing images."""
     if num_images < 1:
-        raise ValueError(f"num_images must be >= 1, got {num_images}")
+        raise InvalidArgumentError(f"num_images must be >= 1, got {num_images}")
     if image_size < 32:
-        raise ValueError(f"image_size must be >= 32 pixels, got {image_size}")
+        raise InvalidArgumentError(f"image_size must be >= 32 pixels, got {image_size}")
     if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+        raise InvalidArgumentError(f"workers must be >= 1, got {workers}")
     num_train, num_val = split_sizes(num_images, val_fraction)
     out_dir = Path(out_dir)
     _prepare_output(out_dir, force)
