@@ -11,6 +11,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from fnl.config import CfgNode, load_config
 from fnl.utils.errors import UserError
@@ -20,6 +21,22 @@ def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True)
     parser.add_argument("--config", required=required, help="YAML config (path, or a name in configs/)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
                         help="config overrides as KEY VALUE pairs, e.g. SOLVER.MAX_ITER 100")
+
+
+class DeprecatedAlias(argparse.Action):
+    """Stores an option's value like ``store``; used under one of ``deprecated`` (old spellings kept working), it
+    names the current spelling on stderr."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, deprecated: Sequence[str] = (), **kwargs) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.deprecated = tuple(deprecated)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if option_string in self.deprecated:
+            print(f"{parser.prog}: warning: {option_string} is deprecated, use {self.option_strings[0]}",
+                  file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()) -> CfgNode:

@@ -42,7 +42,7 @@ def resolve_split(root: str | Path, split: str) -> tuple[Path, Path]:
     root = Path(root)
     if not root.is_dir():
         raise DatasetFileNotFoundError(
-            f"dataset root not found: {root} (generate one with `fnl-data synth --out {root}` "
+            f"dataset root not found: {root} (generate one with `fnl-data synth --output {root}` "
             "or set DATASETS.ROOT)"
         )
     json_path = annotation_file(root, split)

@@ -82,7 +82,7 @@ def test_split_sizes():
 
 def test_cli_refuses_to_overwrite_without_force(tmp_path, capsys):
     out = tmp_path / "cli"
-    arguments = ["synth", "--out", str(out), "--num-images", "2", "--image-size", "48", "--seed", "1",
+    arguments = ["synth", "--output", str(out), "--num-images", "2", "--image-size", "48", "--seed", "1",
                  "--val-fraction", "0", "--workers", "1"]
     assert main(arguments) == 0
     assert sorted(p.name for p in (out / "images" / "train").iterdir()) == ["000001.jpg", "000002.jpg"]
@@ -102,6 +102,7 @@ def test_cli_refuses_to_overwrite_without_force(tmp_path, capsys):
     assert main(["synth", "--out", str(foreign), "--num-images", "1", "--image-size", "48", "--workers", "1",
                  "--force"]) == 0
     assert (foreign / "images" / "train" / "holiday.jpg").read_bytes() == b"not ours"
+    assert "--out is deprecated, use --output" in capsys.readouterr().err  # the old spelling still works
 
 
 def test_written_surface_scores_rendered_truth_100_and_left_right_confusion_low(synthetic_root):
