@@ -15,10 +15,16 @@ from typing import Any
 
 from fnl.config import CfgNode, load_config
 from fnl.utils.errors import UserError
+from fnl.utils.io import describe_disk_error
+from fnl.utils.logging import close_log_files
+
+STORED_CONFIG_HELP = "config (path, or a name in configs/); default: the one stored in the checkpoint"
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    parser.add_argument("--config", required=required, help="YAML config (path, or a name in configs/)")
+def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True,
+                         config_help: str = "YAML config (path, or a name in configs/)") -> None:
+    """--config and the trailing KEY VALUE overrides (``args.opts``), the same in every command that takes them."""
+    parser.add_argument("--config", required=required, help=config_help)
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
                         help="config overrides as KEY VALUE pairs, e.g. SOLVER.MAX_ITER 100")
 
@@ -60,9 +66,6 @@ def _log_line(line: str) -> None:
 def run_cli(main: Callable[[], int | None], prog: str) -> int:
     """``main``'s exit status; a ``USER_ERRORS`` error (or a full / read-only disk) as one line ``PROG: error: ...``,
     status 2; any other exception, a bug, with its traceback and ``BUG_REPORT``, status 1."""
-    from fnl.utils.io import describe_disk_error
-    from fnl.utils.logging import close_log_files
-
     close_log_files()  # a command logs into its own output only (several may run in one process)
 
     def fail(message: str) -> int:
@@ -129,23 +132,3 @@ def ensure_dataset(data: str | None) -> str:
     generate_synthetic_dataset(root, workers=min(2, os.cpu_count() or 1), force=True, **DEFAULT_SYNTHETIC)
     return str(root)
 
-
-def load_model_for_inference(ckpt: str, config: str | None, overrides: list[str], allow_unsafe: bool = False):
-    """A float or int8 PyTorch model from a checkpoint, with its config (the stored one unless ``config``)."""
-    from fnl.engine.checkpoint import load_state, read_checkpoint
-    from fnl.modeling import build_model
-    from fnl.qat.report import resolve_config
-    from fnl.qat.serialization import is_int8_checkpoint, load_int8_checkpoint
-
-    data = read_checkpoint(ckpt, allow_unsafe)
-    if is_int8_checkpoint(data):
-        model, stored = load_int8_checkpoint(ckpt, allow_unsafe)
-        cfg = stored.clone()
-        if config:
-            cfg.merge_from_file(config)
-        cfg.merge_from_list(overrides)
-        return model, cfg.freeze()
-    cfg = resolve_config(ckpt, config, overrides, allow_unsafe)
-    model = build_model(cfg)
-    load_state(model, ckpt, allow_unsafe, data=data)
-    return model.eval(), cfg
