@@ -1,6 +1,7 @@
 import pytest
 
 from fnl.config import CONFIGS_DIR, ConfigError, load_config
+from fnl.modeling import build_model
 
 
 def test_base_chain_and_overrides(tmp_path):
@@ -27,9 +28,12 @@ def test_wrong_type_names_key(tmp_path):
         load_config(bad)
 
 
-def test_every_shipped_config_loads():
-    for path in sorted(CONFIGS_DIR.glob("*.yaml")):
-        load_config(path)
+@pytest.mark.parametrize("path", sorted(CONFIGS_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_builds_a_model(path):
+    # Loading alone misses what only model construction checks (feature names, head sizes, pooler types).
+    cfg = load_config(path)
+    model = build_model(cfg)
+    assert hasattr(model.roi_heads, "densepose_head") == cfg.MODEL.DENSEPOSE_ON
 
 
 def test_frozen_config_refuses_assignment():
