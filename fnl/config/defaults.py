@@ -2,8 +2,11 @@
 
 from fnl.config.config import CfgNode
 
+# Keys an older fnl had and nothing reads any more: configs stored in its checkpoints and exports carry them, and
+# fnl.config.stored_config drops them (a config file that sets one is an error naming it, like any unknown key).
+RETIRED_KEYS = ("VERSION", "MODEL.ROI_BOX_HEAD.NORM", "TEST.EVAL_PERIOD")
+
 _C = CfgNode()
-_C.VERSION = 2
 _C.OUTPUT_DIR = "./output"
 _C.SEED = 0
 
@@ -72,7 +75,6 @@ _C.MODEL.ROI_BOX_HEAD.NUM_CONV = 2
 _C.MODEL.ROI_BOX_HEAD.CONV_DIM = 256
 _C.MODEL.ROI_BOX_HEAD.NUM_FC = 0
 _C.MODEL.ROI_BOX_HEAD.FC_DIM = 1024
-_C.MODEL.ROI_BOX_HEAD.NORM = ""
 _C.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
 _C.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO = 2
 _C.MODEL.ROI_BOX_HEAD.POOLER_TYPE = "ROIAlignV2"  # aligned RoIAlign; "ROIAlign" = legacy half-pixel-off
@@ -165,7 +167,6 @@ _C.SOLVER.CLIP_GRADIENTS = 0.0  # max L2 norm; 0 disables
 _C.SOLVER.CHECKPOINTS_KEPT = 3
 
 _C.TEST = CfgNode()
-_C.TEST.EVAL_PERIOD = 0  # 0: evaluate only at the end of training
 _C.TEST.MAX_IMAGES = 0  # 0: the whole split
 
 _C.QUANTIZATION = CfgNode()

@@ -34,6 +34,7 @@ SUPPORTED_VALUES: dict[str, tuple[Any, ...]] = {
     "MODEL.RPN.HEAD_NAME": ("StandardRPNHead",),
     "MODEL.ROI_HEADS.NAME": ("DensePoseROIHeads",),
     "MODEL.ROI_BOX_HEAD.NAME": ("FastRCNNConvFCHead",),
+    "MODEL.ROI_BOX_HEAD.NORM": ("",),
     "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG": (False,),
     "MODEL.ROI_DENSEPOSE_HEAD.PREDICTOR_NAME": ("DensePoseChartPredictor", "DensePoseChartWithConfidencePredictor"),
     "MODEL.ROI_DENSEPOSE_HEAD.UV_CONFIDENCE.ENABLED": (False,),

@@ -7,8 +7,10 @@ from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 
+import yaml
+
 from fnl.config.config import CfgNode, ConfigError
-from fnl.config.defaults import _C
+from fnl.config.defaults import _C, RETIRED_KEYS
 
 # The shipped configs, package data of fnl: in a checkout fnl/configs links to the top-level configs/ (the files
 # users see and edit), in an installed wheel they are copied into the package. fnl is installed as plain files
@@ -19,6 +21,22 @@ CONFIGS_DIR = Path(str(resources.files("fnl") / "configs"))
 def get_cfg() -> CfgNode:
     """A fresh copy of the defaults."""
     return _C.clone()
+
+
+def stored_config(text: str, source: str) -> CfgNode:
+    """The config a checkpoint or an export stored (``CfgNode.dump()``'s YAML) over the defaults. Keys fnl no longer
+    has (``RETIRED_KEYS``) are dropped: files written by an older fnl still load."""
+    data = yaml.safe_load(text) or {}
+    for key in RETIRED_KEYS:
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    cfg = get_cfg()
+    cfg.merge_from_dict(data, source=source)
+    return cfg
 
 
 def find_config_file(name: str | Path) -> Path:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import fnl
-from fnl.config import CfgNode, ConfigError, get_cfg, load_config
+from fnl.config import CfgNode, ConfigError, load_config, stored_config
 from fnl.utils.errors import UserError
 from fnl.utils.io import atomic_path
 
@@ -266,14 +266,10 @@ def config_from_checkpoint(path: str | Path, allow_unsafe: bool = False) -> CfgN
     text = data.get("config")
     if not isinstance(text, str):
         raise CheckpointError(f"checkpoint {path} carries no config; pass --config")
-    import yaml
-
-    cfg = get_cfg()
     try:
-        cfg.merge_from_dict(yaml.safe_load(text), source=f"the config stored in {path}")
+        return stored_config(text, source=f"the config stored in {path}")
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from exc
-    return cfg
 
 
 def resolve_config(ckpt: str | Path, config: str | None, overrides: Sequence[str], allow_unsafe: bool) -> CfgNode:

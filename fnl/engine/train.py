@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 from collections.abc import Callable, Iterator
@@ -270,12 +269,3 @@ def _save(output_dir: Path, name: str, model: nn.Module, cfg: CfgNode, iteration
     save_checkpoint(output_dir / name, model, cfg, iteration, optimizer=optimizer.state_dict())
     write_text_atomic(output_dir / LAST_CHECKPOINT, name)
     logger.info("saved %s (iteration %d)", output_dir / name, iteration)
-
-
-def loss_fell(history: list[dict[str, float]], window: int = 20) -> bool:
-    """Whether the mean total loss of the last ``window`` iterations is below that of the first ``window``."""
-    if len(history) < 2 * window:
-        window = max(len(history) // 2, 1)
-    first = [h["total_loss"] for h in history[:window]]
-    last = [h["total_loss"] for h in history[-window:]]
-    return math.fsum(last) / len(last) < math.fsum(first) / len(first)

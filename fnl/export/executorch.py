@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from fnl.config import CfgNode, get_cfg
+from fnl.config import CfgNode, stored_config
 from fnl.engine.benchmark import measure
 from fnl.engine.report import ReportRow, file_megabytes, write_report
 from fnl.export.onnx import ExportableRCNN
@@ -252,10 +252,7 @@ class ExecuTorchPredictor(GraphPredictor):
 
         self.directory = Path(directory)
         manifest = read_manifest(self.directory)
-        cfg = get_cfg()
-        import yaml
-
-        cfg.merge_from_dict(yaml.safe_load(manifest["config"]), source=f"{self.directory / MANIFEST}")
+        cfg = stored_config(manifest["config"], source=f"{self.directory / MANIFEST}")
         cfg.MODEL.DEVICE = "cpu"
         self.cfg = cfg.freeze()
         _set_threads(threads)

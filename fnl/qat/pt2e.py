@@ -251,10 +251,6 @@ def exported_regions(model: nn.Module) -> list[ExportedRegion]:
     return [module for module in model.modules() if isinstance(module, ExportedRegion)]
 
 
-def is_pt2e_model(model: nn.Module) -> bool:
-    return bool(exported_regions(model))
-
-
 PT2E_CHECKPOINT, PT2E_PTQ_CHECKPOINT = "model_pt2e.pth", "model_pt2e_ptq.pth"
 PT2E_STATE = "pt2e-prepared"
 

@@ -31,8 +31,6 @@ from fnl.qat.quantize import build_int8_structure, select_backend
 from fnl.utils.io import atomic_path
 
 FORMAT = "fnl-int8-packed-v1"
-_QSCHEMES = {str(q): q for q in (torch.per_tensor_affine, torch.per_channel_affine, torch.per_tensor_symmetric,
-                                  torch.per_channel_symmetric)}
 _DTYPES = {str(d): d for d in (torch.qint8, torch.quint8, torch.qint32, torch.float32, torch.float64, torch.int64,
                                torch.int32, torch.float16, torch.bfloat16, torch.uint8, torch.int8, torch.bool)}
 
