@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="config (default: stored in the checkpoint; defaults for --onnx)")
     parser.add_argument("--data", help="dataset root (default: the embedded synthetic set)")
     parser.add_argument("--split", default="val", help="split to evaluate (default val)")
-    parser.add_argument("--json", help="write the results here (DESIGN.md layout)")
+    parser.add_argument("--json", help="write the results here (docs/DESIGN.md layout)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--unsafe-load", action="store_true", help="allow pickled objects (trusted files only)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides KEY VALUE ...")

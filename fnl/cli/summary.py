@@ -13,7 +13,7 @@ from fnl.utils.errors import InvalidArgumentError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fnl-summary", description=__doc__)
     parser.add_argument("--input-size", type=int, default=512, help="square input side for GFLOPs (default 512)")
-    parser.add_argument("--json", action="store_true", help="print DESIGN.md's machine-readable JSON")
+    parser.add_argument("--json", action="store_true", help="print docs/DESIGN.md's machine-readable JSON")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
 

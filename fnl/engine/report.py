@@ -1,4 +1,4 @@
-"""The size / AP / speed report every stage writes: ``report.json`` (DESIGN.md's layout), ``report.md`` and
+"""The size / AP / speed report every stage writes: ``report.json`` (docs/DESIGN.md's layout), ``report.md`` and
 ``report.png`` (box AP, DensePose AP, size and FPS of every row). A figure that was not measured is ``null`` / "-",
 never a guess."""
 

@@ -1,4 +1,4 @@
-"""Model summary: parameters by part, fp32 size and FLOPs at an input size (DESIGN.md's fixed JSON keys)."""
+"""Model summary: parameters by part, fp32 size and FLOPs at an input size (docs/DESIGN.md's fixed JSON keys)."""
 
 from __future__ import annotations
 

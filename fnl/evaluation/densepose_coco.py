@@ -324,7 +324,7 @@ class DensePoseCOCOEvaluator:
     """Box AP and DensePose GPS AP of predictions (``Prediction`` dicts) on a DensePose-COCO json.
 
     ``surface_dir`` holds the body surface files (see ``fnl.data.surface``). ``gps_normalization``:
-    "constant" (sigma 0.255, as DESIGN.md and the DensePose paper state it) or "per_part" (the per-part sigmas
+    "constant" (sigma 0.255, as docs/DESIGN.md and the DensePose paper state it) or "per_part" (the per-part sigmas
     that detectron2's and the DensePose repository's evaluators apply to I/U/V predictions).
     Contiguous class c is the json's c-th category in id order; DensePose AP scores class 0, the person.
     """

@@ -1,4 +1,4 @@
-"""The evaluator's results as users and CI read them: a Markdown table and ``fnl-eval --json`` (DESIGN.md,
+"""The evaluator's results as users and CI read them: a Markdown table and ``fnl-eval --json`` (docs/DESIGN.md,
 "Machine-readable outputs"): ``{"bbox": {"AP": .., "AP50": .., "AP75": .., "APs": .., "APm": .., "APl": ..},
 "densepose": {"AP": .., "AP50": .., "AP75": .., "APm": .., "APl": ..}}``, AP in percent (0-100); a figure that
 could not be measured (no ground truth of that size) is ``null``, never a guess."""
@@ -30,7 +30,7 @@ def _metric_or_none(value: object, where: str) -> float | None:
 
 
 def normalized_results(results: Mapping[str, Mapping[str, object]]) -> Results:
-    """The results' tasks and metrics in DESIGN.md's layout, NaN turned into None; extra tasks and metrics are
+    """The results' tasks and metrics in docs/DESIGN.md's layout, NaN turned into None; extra tasks and metrics are
     kept after the standard ones."""
     normalized: Results = {}
     for task, metrics in results.items():
@@ -56,5 +56,5 @@ def format_results_table(results: Mapping[str, Mapping[str, object]]) -> str:
 
 
 def write_results_json(results: Mapping[str, Mapping[str, object]], path: str | Path) -> None:
-    """Write the results atomically as JSON in DESIGN.md's layout (NaN -> null)."""
+    """Write the results atomically as JSON in docs/DESIGN.md's layout (NaN -> null)."""
     write_json_atomic(path, normalized_results(results))

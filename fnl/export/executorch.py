@@ -81,7 +81,7 @@ def region_files(directory: str | Path, model: nn.Module) -> list[Path]:
 
 def duplicate_shared_nodes(program: torch.fx.GraphModule) -> int:
     """Give every user of a dequantize or a constant its own copy; returns how many copies were made. Values are
-    unchanged; two failures of XNNPACK's lowering in executorch 1.5.1 go away:
+    unchanged; two failures of XNNPACK's lowering go away (executorch 1.5.1; when this can go: docs/NOTES.md):
     - its channels-last pass fails on a partition output that is a dequantize also used inside the partition (the
       BiFPN's levels, which feed a fusion and leave for an upsampling XNNPACK cannot run);
     - a conv whose weight and bias are shared by several calls with different input scales (the RPN head on every
@@ -209,8 +209,8 @@ class ExecuTorchRegion(nn.Module):
         return [t.clone() for t in self.method.execute([t.contiguous() for t in inputs])]
 
     def _run_rois(self, rois: torch.Tensor) -> list[torch.Tensor]:
-        """RoIs in chunks of what the program's memory plan holds (ExecuTorch 1.5.1 plans the RoI programs for
-        fewer RoIs than the capture's upper bound; the method's input metadata says how many)."""
+        """RoIs in chunks of what the program's memory plan holds (ExecuTorch plans the RoI programs for fewer RoIs
+        than the capture's upper bound, docs/NOTES.md; the method's input metadata says how many)."""
         capacity = int(self.method.metadata.input_tensor_meta(0).sizes()[0])
         if rois.shape[0] == 0:
             return [t[:0] for t in self._execute([rois.new_zeros((1, *rois.shape[1:]))])]

@@ -7,7 +7,7 @@ From ``quantize_dir`` (``model_fp32.pth``, ``model_int8.pth``) it writes into ``
 - ``model_ort_ptq.onnx``: ONNX Runtime's ``quantize_static`` of the float graph, calibrated on training images (the
   peer our QAT int8 export is measured against);
 - ``caffe2_int8/``: the int8 model as Caffe2 NetDefs (``fnl.export.caffe2``), scored by executing them;
-- ``report.json`` / ``report.md`` / ``report.png`` (DESIGN.md's layout) with six rows measured the same way
+- ``report.json`` / ``report.md`` / ``report.png`` (docs/DESIGN.md's layout) with six rows measured the same way
   (``fnl.engine.benchmark.measure``: the test split, batch 1, ``threads`` CPU threads): PyTorch float32, PyTorch
   int8, ONNX float32, ONNX int8, ONNX int8 (ORT static PTQ), Caffe2 int8 (size and AP only). The verification
   results are in ``report.json`` under ``"verification"``; a failed verification is reported there and logged, it

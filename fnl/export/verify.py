@@ -15,12 +15,10 @@ real difference in boxes, scores or head outputs still does.
 
 Why that floor: two int8 runtimes round a few values per layer differently (fbgemm adds a float bias to a float32
 product, ONNX Runtime an int32 bias to an int32 sum; ties fall differently), and a deep int8 network amplifies one
-step of difference layer after layer, as it amplifies any one-step change of its input. Measured on model B (256 px,
-100 synthetic validation images): ONNX Runtime vs PyTorch int8 pair 47% of detections at IoU 0.9; PyTorch int8 vs
-the same model with every bias moved by less than half an int32 step, 47%; vs itself on the image + 1 gray level,
-43% (float32: 89%). Box and DensePose AP agree within 0.1 on 400 images. So on such a model the 95% target measures
-the model's sensitivity, not the export; the floor measures that sensitivity on the same images and the export must
-do as well.
+step of difference layer after layer, as it amplifies any one-step change of its input: on a trained model B two
+correct int8 runtimes pair under half of the detections at IoU 0.9 while agreeing on AP (the measurements:
+docs/NOTES.md). So on such a model the 95% target measures the model's sensitivity, not the export; the floor
+measures that sensitivity on the same images and the export must do as well.
 
 Detections are only comparable where they are decisive: an int8 model that scores many candidates alike (random
 weights: every score 0.5 +- 1e-4, a few int8 steps apart) ranks them by rounding, and two int8 runtimes then keep

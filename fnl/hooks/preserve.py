@@ -167,7 +167,7 @@ def convert_preserving_hooks(
 
 
 def _eager_ao(function: Callable[..., nn.Module], model: nn.Module, **kwargs: Any) -> nn.Module:
-    # torch 2.14 marks the eager-mode API deprecated; DESIGN.md chose it deliberately (int8 ONNX export needs it),
+    # torch 2.14 marks the eager-mode API deprecated; docs/DESIGN.md chose it deliberately (int8 ONNX export needs it),
     # so the warning is silenced for this call only.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)

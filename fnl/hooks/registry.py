@@ -96,9 +96,10 @@ def keep_hook_dictionaries_alive(replaced: nn.Module, replacement: nn.Module) ->
 
     A ``RemovableHandle`` holds *weak* references to the dictionaries of the module its hook was registered on, and
     hook owners keep their handles (timm's ``FeatureHooks._handles``). Once the module is replaced and collected,
-    ``copy.deepcopy`` of anything holding such a handle fails in torch 2.14's ``RemovableHandle.__setstate__``
-    (``weakref.ref(None)`` for the dead flag dictionaries), so ``prepare(inplace=False)`` / ``convert(...)`` of the
-    fused model would crash at random, whenever the garbage collector has run. Keeping the dictionaries referenced
+    ``copy.deepcopy`` of anything holding such a handle fails in ``RemovableHandle.__setstate__`` (torch 2.14;
+    ``weakref.ref(None)`` for the dead flag dictionaries; when this can go: docs/NOTES.md), so
+    ``prepare(inplace=False)`` / ``convert(...)`` of the fused model would crash at random, whenever the garbage
+    collector has run. Keeping the dictionaries referenced
     from the model keeps those handles valid (removing through them is a no-op) and the model copyable.
     """
     retired = replacement.__dict__.setdefault(RETIRED_HOOK_DICTIONARIES, [])

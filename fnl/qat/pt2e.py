@@ -82,10 +82,8 @@ def fake_quants_as_converted(config: Any) -> Any:
     The XNNPACK QAT configuration uses ``FusedMovingAvgObsFakeQuantize``, whose fused kernel chooses scales by its
     own formula while ``convert_pt2e`` reads the observer's: for per-channel symmetric weights 0.4% larger or smaller
     per channel (2x smaller for a channel whose weights share one sign), and the observer's minimum scale (2^-12)
-    is not applied, so an activation of a narrow range trains on a finer grid than it is converted to. The weights
-    QAT trained were re-rounded onto other scales: on model B (256 px) the converted backbone drifted up to 24
-    quantization steps from its fake-quant simulation and box AP fell 2.1 points below it (torchao 0.18; fixed
-    upstream by pytorch/ao#4824, not yet released).
+    is not applied, so an activation of a narrow range trains on a finer grid than it is converted to, and convert
+    re-rounds the weights QAT trained onto other scales (what that cost, and when this can go: docs/NOTES.md).
     """
     from torchao.quantization.pt2e.fake_quantize import FakeQuantize
     from torchao.quantization.pt2e.observer import MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver

@@ -87,9 +87,9 @@ def qat_qconfig(backend: str, weight_scales: str = "per-channel") -> QConfig:
 
     The default ``FusedMovingAvgObsFakeQuantize`` chooses its scales in a fused kernel by other formulas than the
     observer's ``calculate_qparams``, which convert reads: symmetric weight scales max(|min| / 128, |max| / 127)
-    against max(|min|, |max|) / 127.5 (every weight re-rounded at convert onto a grid 0.4% off the one QAT trained;
-    on the 512 px model B the fake-quant model scored box / DensePose AP 30.90 / 1.84, its conversion 30.80 / 1.91),
-    and a smallest scale of 2^-14 that the observer does not have (activations of a narrow range).
+    against max(|min|, |max|) / 127.5 (every weight re-rounded at convert onto a grid 0.4% off the one QAT trained),
+    and a smallest scale of 2^-14 that the observer does not have (activations of a narrow range). What that cost,
+    and when this can go: docs/NOTES.md.
     """
     weight = default_per_channel_weight_fake_quant if weight_scales == "per-channel" else default_weight_fake_quant
     return QConfig(activation=fake_quant_as_converted(get_default_qat_qconfig(backend).activation),

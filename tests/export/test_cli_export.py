@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore:.*quantized tensor creation fun
               pytest.mark.filterwarnings("ignore:Please use quant_min and quant_max:UserWarning"),
               pytest.mark.filterwarnings("ignore:must run observer before calling calculate_qparams:UserWarning")]
 
-# DESIGN.md, "Machine-readable outputs": the keys users' CI reads.
+# docs/DESIGN.md, "Machine-readable outputs": the keys users' CI reads.
 REPORT_KEYS = {"machine", "versions", "input_size", "threads", "rows"}
 ROW_KEYS = {"name", "format", "precision", "method", "size_mb", "bbox_AP", "densepose_AP", "latency_ms_p50",
             "latency_ms_p90", "fps"}

@@ -14,7 +14,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 IMAGE_SIZE = 64
 OUT_INDICES = (1, 2, 3, 4)
-# where timm's feature_location="expansion" puts its forward pre-hooks on spnasnet_100 (DESIGN.md)
+# where timm's feature_location="expansion" puts its forward pre-hooks on spnasnet_100 (docs/DESIGN.md)
 SPNASNET_FEATURE_TAPS = ["blocks.1.2.conv_pwl", "blocks.2.3.conv_pwl", "blocks.4.3.conv_pwl", "blocks.6.0.conv_pwl"]
 
 

@@ -1,4 +1,4 @@
-"""What torch.ao's eager quantization does with forward hooks by itself, without fnl.hooks (facts for DESIGN.md).
+"""What torch.ao's eager quantization does with forward hooks by itself, without fnl.hooks (facts for docs/DESIGN.md).
 
 torch 2.14:
 - ``fuse_modules`` / ``fuse_modules_qat`` (``fuse_known_modules``) move the first module's pre-hooks and the last

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("error:All inputs of 
               pytest.mark.filterwarnings("ignore:Please use quant_min and quant_max:UserWarning"),
               pytest.mark.filterwarnings("ignore:must run observer before calling calculate_qparams:UserWarning")]
 
-# timm's EfficientNet / MobileNet families (DESIGN.md, the paper's Table 2): None quantizes as it is; otherwise the
+# timm's EfficientNet / MobileNet families (docs/DESIGN.md, the paper's Table 2): None quantizes as it is; otherwise the
 # refusal's start. MixNet's MixedConv2d leaves its norm unfused, CondConv2d and TF-padded Conv2dSame have no int8
 # kernel. Kept in float, Conv2dSame (stem and strided depthwise convs) lets the TF ports quantize; MixedConv2d and
 # CondConv2d are also the tapped conv_pwl, whose taps must see int8 tensors: those two go to PT2E.
