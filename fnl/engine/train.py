@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -33,6 +34,7 @@ from fnl.utils.logging import setup_logger
 
 logger = logging.getLogger("fnl")
 LAST_CHECKPOINT = "last_checkpoint"
+RANK_WEIGHTS = "rank_weights.json"  # distributed runs: each process's parameter digest
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -143,6 +145,29 @@ def setup_distributed(cfg: CfgNode) -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
+def parameter_digest(model: nn.Module) -> str:
+    """sha256 over every parameter's name and bytes: two processes hold the same weights iff their digests match.
+    Buffers are left out: under DistributedDataParallel each process's last forward updates its own BatchNorm
+    running statistics after rank 0's were broadcast, so they differ by design."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_ranks_agree(model: nn.Module, output_dir: Path, rank: int, world_size: int) -> list[str]:
+    """Gathers every process's ``parameter_digest``; rank 0 writes them to ``output_dir/RANK_WEIGHTS``. Raises if
+    they differ: the saved checkpoint (rank 0's) would then not be the model the other processes trained."""
+    digests: list[str] = [""] * world_size
+    torch.distributed.all_gather_object(digests, parameter_digest(model))
+    if rank == 0:
+        write_json_atomic(output_dir / RANK_WEIGHTS, {"parameters_sha256": digests})
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"the {world_size} training processes ended with different weights: {digests}")
+    return digests
+
+
 def resume_path(output_dir: Path, marker_name: str = LAST_CHECKPOINT) -> Path | None:
     marker = output_dir / marker_name
     if not marker.is_file():
@@ -202,6 +227,8 @@ def train(cfg: CfgNode, resume: bool = False, evaluate: bool = True) -> dict[str
         if rank != 0:
             raise
         raise rewind_to_last_good(exc, output_dir, LAST_CHECKPOINT) from None
+    if world_size > 1:
+        check_ranks_agree(model, output_dir, rank, world_size)
     final = output_dir / "model_final.pth"
     if rank == 0:
         _save(output_dir, final.name, model, cfg, cfg.SOLVER.MAX_ITER - 1, optimizer)
