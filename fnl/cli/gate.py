@@ -19,9 +19,13 @@ def results_of(source: str, data: str | None, threads: int) -> dict:
         if not path.is_file():
             raise FileNotFoundError(f"results file not found: {path}")
         try:
-            return json.loads(path.read_text())
+            results = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise InvalidArgumentError(f"{path} is not JSON: {exc}") from exc
+        if not isinstance(results, dict):
+            raise InvalidArgumentError(f"{path} is not fnl-eval results: it holds a JSON {type(results).__name__}, "
+                                       "not an object with 'bbox' and 'densepose'")
+        return results
     import torch
 
     from fnl.engine.inference import evaluate_model
