@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from synthetic_densepose import GridSurface, make_densepose_coco, make_grid_surface
+from evaluation_testing import GridSurface, make_densepose_coco, make_grid_surface
 
 from fnl.data.surface import save_body_surface
 from fnl.evaluation import DensePoseCOCOEvaluator

@@ -1,4 +1,4 @@
-"""Box AP and DensePose GPS AP on the tiny surface and json of synthetic_densepose."""
+"""Box AP and DensePose GPS AP on the tiny surface and json of evaluation_testing."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from synthetic_densepose import PART_SIZE, GridSurface, make_densepose_coco
+from evaluation_testing import PART_SIZE, GridSurface, make_densepose_coco
 
 from fnl.evaluation import BBOX_METRICS, DENSEPOSE_METRICS, DensePoseCOCOEvaluator, ground_truth_as_predictions
 from fnl.evaluation.gps import GPS_SIGMA, PER_PART_GPS_SIGMA, gps_matrix, ground_truth_points

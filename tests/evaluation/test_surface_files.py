@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from evaluation_testing import GridSurface, make_grid_surface
 from scipy.io import loadmat, savemat
 from scipy.spatial.distance import cdist, squareform
-from synthetic_densepose import GridSurface, make_grid_surface
 
 from fnl.data.surface import (
     PDIST_FILE,

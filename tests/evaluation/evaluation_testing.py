@@ -1,4 +1,5 @@
-"""Builders of a tiny body surface and a DensePose-COCO json, so the evaluator is tested without downloads.
+"""Helpers of the evaluation tests (test helper modules are named <folder>_testing.py): a tiny body surface and a
+DensePose-COCO json, so the evaluator is tested without downloads.
 
 The surface is a flat strip: chart p is a (GRID x GRID) vertex grid over a PART_SIZE square placed at
 x = (p - 1) * PART_SIZE, so neighbouring charts share their seam column (two chart vertices, one mesh vertex, as
