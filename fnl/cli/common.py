@@ -21,6 +21,9 @@ from fnl.utils.logging import close_log_files
 STORED_CONFIG_HELP = "config (path, or a name in configs/); default: the one stored in the checkpoint"
 
 
+STORED_CONFIG_HELP = "config (path, or a name in configs/); default: the one stored in the checkpoint"
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True,
                          config_help: str = "YAML config (path, or a name in configs/)") -> None:
     """--config and the trailing KEY VALUE overrides (``args.opts``), the same in every command that takes them."""
@@ -131,4 +134,3 @@ def ensure_dataset(data: str | None) -> str:
 
     generate_synthetic_dataset(root, workers=min(2, os.cpu_count() or 1), force=True, **DEFAULT_SYNTHETIC)
     return str(root)
-

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fnl.cli.common import ensure_dataset, run_cli
+from fnl.cli.common import STORED_CONFIG_HELP, add_config_arguments, ensure_dataset, run_cli
 from fnl.qat.serialization import load_model_for_inference
 
 
@@ -16,13 +16,12 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", help="float or int8 PyTorch checkpoint")
     source.add_argument("--onnx", help="ONNX model written by fnl-export")
-    parser.add_argument("--config", help="config (default: stored in the checkpoint; defaults for --onnx)")
     parser.add_argument("--data", help="dataset root (default: the embedded synthetic set)")
     parser.add_argument("--split", default="val", help="split to evaluate (default val)")
     parser.add_argument("--json", help="write the results here (docs/DESIGN.md layout)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--unsafe-load", action="store_true", help="allow pickled objects (trusted files only)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides KEY VALUE ...")
+    add_config_arguments(parser, required=False, config_help=f"{STORED_CONFIG_HELP}; the defaults for --onnx")
     args = parser.parse_args(argv)
 
     def run() -> int:

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fnl.cli.common import run_cli
+from fnl.cli.common import STORED_CONFIG_HELP, add_config_arguments, run_cli
 from fnl.data.images import IMAGE_SUFFIXES
 from fnl.qat.serialization import load_model_for_inference
 
@@ -54,12 +54,11 @@ def output_stem(image: Path, root: Path, output: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fnl-predict", description=__doc__)
     parser.add_argument("--ckpt", required=True, help="float or int8 checkpoint")
-    parser.add_argument("--config", help="config (default: the one stored in the checkpoint)")
     parser.add_argument("--input", required=True, help="an image, or a directory searched recursively for images")
     parser.add_argument("--output", required=True, help="directory for overlays and results.json")
     parser.add_argument("--score-thresh", type=float, default=0.5, help="minimum detection score to keep")
     parser.add_argument("--unsafe-load", action="store_true", help="allow pickled objects (trusted files only)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides KEY VALUE ...")
+    add_config_arguments(parser, required=False, config_help=STORED_CONFIG_HELP)
     args = parser.parse_args(argv)
 
     def run() -> int:

@@ -13,28 +13,30 @@ import argparse
 import sys
 from pathlib import Path
 
-from fnl.cli.common import ensure_dataset, run_cli
+from fnl.cli.common import STORED_CONFIG_HELP, add_config_arguments, ensure_dataset, run_cli
+from fnl.engine.backends import BACKENDS
+from fnl.qat.pipeline import ENGINES
+from fnl.qat.quantize import MODES
 from fnl.utils.errors import InvalidArgumentError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fnl-quantize", description=__doc__)
     parser.add_argument("--ckpt", required=True, help="float checkpoint (fnl-train / detectron2 format)")
-    parser.add_argument("--config", help="config; default: the one stored in the checkpoint")
     parser.add_argument("--data", help="dataset root (default: the embedded synthetic set)")
     parser.add_argument("--output", required=True, help="output directory")
     parser.add_argument("--iters", type=int, help="QAT iterations (QUANTIZATION.MAX_ITER)")
-    parser.add_argument("--engine", choices=["eager", "pt2e"], default="eager",
+    parser.add_argument("--engine", choices=ENGINES, default="eager",
                         help="torch.ao eager mode (default) or torchao PT2E for ExecuTorch / XNNPACK")
-    parser.add_argument("--backend", choices=["fbgemm", "x86", "qnnpack"],
+    parser.add_argument("--backend", choices=BACKENDS,
                         help="QUANTIZATION.BACKEND of the eager engine (default fbgemm)")
-    parser.add_argument("--mode", choices=["qat", "ptq"], default="qat", help="QAT (default) or calibration only")
+    parser.add_argument("--mode", choices=MODES, default="qat", help="QAT (default) or calibration only")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for the latency figures (default 2)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted QAT run in --output")
     parser.add_argument("--force", action="store_true", help="overwrite an existing int8 model in --output")
     parser.add_argument("--unsafe-load", action="store_true",
                         help="load a checkpoint that holds arbitrary pickled objects (only for trusted files)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[], help="config overrides KEY VALUE ...")
+    add_config_arguments(parser, required=False, config_help=STORED_CONFIG_HELP)
     return parser
 
 

@@ -211,10 +211,9 @@ def patch_for_quantization(model: nn.Module, float_modules: list[str] | tuple[st
     ``QUANTIZED_REGIONS``).
 
     ``float_predictor`` keeps a region's last module in float when it holds transposed convs (the DensePose
-    predictor): torch 2.14's quantized ConvTranspose2d computes wrong values on the x86 / onednn engines and on qnnpack
-    with padding (fnl.qat.quantize turns it on for those backends; fbgemm is correct). ``float_1x1_pooling`` keeps
-    1x1 max-pools (the necks' stride-2 ``top_block``) in float: QNNPACK cannot create a 1x1 pooling operator
-    (fnl.qat.quantize turns it on for qnnpack).
+    predictor), for a backend whose quantized ConvTranspose2d computes wrong values; ``float_1x1_pooling`` keeps 1x1
+    max-pools (the necks' stride-2 ``top_block``) in float, for a backend that cannot create a 1x1 pooling operator.
+    A backend's ``fnl.engine.backends.BackendPolicy.patch_options()`` sets both.
     """
     if not inplace:
         model = copy.deepcopy(model)

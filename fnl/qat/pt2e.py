@@ -29,18 +29,19 @@ import torch
 from torch import nn
 
 from fnl.config import CfgNode, ConfigError
+from fnl.engine.backends import XNNPACK, check_weight_scales
 from fnl.engine.checkpoint import CheckpointError, config_from_checkpoint, read_checkpoint, save_checkpoint
 from fnl.hooks import audit_hooks
 from fnl.modeling import build_model
 from fnl.qat.patch import FloatIslandRecord, QuantizedRegion, active_regions, replace_submodule
-from fnl.qat.quantize import MODES, QuantizationStages, check_weight_scales
+from fnl.qat.quantize import MODES, QuantizationStages
 from fnl.qat.regions import RegionCapture, RegionModules, region_captures, run_per_level
 from fnl.utils.errors import UserError
 
 ENGINE = "pt2e"
-BACKEND = "xnnpack"
+BACKEND = XNNPACK.name
 INSTALL_HINT = "pip install 'fnl[executorch]' (executorch==1.5.1 and torchao)"
-XNNPACK_MIN_SCALE = 2**-12  # the smallest scale ExecuTorch's XNNPACK quantization configs allow (their observers' eps)
+XNNPACK_MIN_SCALE = XNNPACK.min_scale
 
 
 class PT2EUnavailableError(UserError, ImportError):
@@ -71,7 +72,8 @@ def xnnpack_quantizer(qat: bool, weight_scales: str = "per-channel") -> Any:
         config = fake_quants_as_converted(config)
     quantizer = XNNPACKQuantizer().set_global(config)
     return quantizer.set_filter_function(lambda node: has_no_scalar_tensor_operand(node)
-                                         and not (qat and is_transposed_conv(node)))
+                                         and not (qat and not XNNPACK.qat_transposed_conv
+                                                  and is_transposed_conv(node)))
 
 
 def fake_quants_as_converted(config: Any) -> Any:
@@ -100,9 +102,10 @@ def fake_quants_as_converted(config: Any) -> Any:
 
 
 def is_transposed_conv(node: torch.fx.Node) -> bool:
-    """QAT keeps transposed convs (the DensePose predictor) float: the QAT configuration fake-quantizes their weights
-    per *input* channel (axis 0; PTQ uses axis 1, the output channels), which XNNPACK cannot run, and ExecuTorch has
-    no portable kernel for the leftover per-channel dequantize (torchao 0.18 / executorch 1.5.1)."""
+    """Whether ``node`` is a transposed conv (the DensePose predictor), which XNNPACK's policy keeps float under QAT
+    (``XNNPACK.qat_transposed_conv``): the QAT configuration fake-quantizes their weights per *input* channel (axis 0;
+    PTQ uses axis 1, the output channels), which XNNPACK cannot run, and ExecuTorch has no portable kernel for the
+    leftover per-channel dequantize (torchao 0.18 / executorch 1.5.1)."""
     return node.op == "call_function" and "conv_transpose" in str(node.target)
 
 

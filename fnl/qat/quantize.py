@@ -33,6 +33,7 @@ from torch.ao.quantization import (
 from tqdm import tqdm
 
 from fnl.config import CfgNode, ConfigError
+from fnl.engine.backends import EAGER_BACKENDS, BackendPolicy, check_weight_scales, eager_backend
 from fnl.hooks import (
     HookRecord,
     audit_hooks,
@@ -57,10 +58,8 @@ from fnl.utils.modules import eval_mode
 
 logger = logging.getLogger("fnl")
 
-BACKENDS = ("x86", "fbgemm", "qnnpack")
-# Engines whose quantized ConvTranspose2d is correct in torch 2.14 (x86/onednn: ~100 quanta off; qnnpack: wrong with
-# padding; measured against conv_transpose2d on the dequantized tensors).
-TRANSPOSED_CONV_OK = ("fbgemm",)
+# Engines whose quantized ConvTranspose2d is correct (fnl.engine.backends holds why).
+TRANSPOSED_CONV_OK = tuple(name for name, policy in EAGER_BACKENDS.items() if policy.transposed_conv)
 MODES = ("qat", "ptq")
 
 
@@ -72,13 +71,14 @@ class QuantizationStages:
     hook_audits: dict[str, list[HookRecord]] = field(default_factory=dict)
 
 
-def select_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ConfigError(f"QUANTIZATION.BACKEND must be one of {BACKENDS}, got '{backend}'")
+def select_backend(backend: str) -> BackendPolicy:
+    """Run torch.ao's quantized ops on ``backend`` (QUANTIZATION.BACKEND); its policy."""
+    policy = eager_backend(backend)
     if backend not in torch.backends.quantized.supported_engines:
         raise ConfigError(f"quantized engine '{backend}' is not available in this PyTorch build "
                           f"(available: {torch.backends.quantized.supported_engines})")
     torch.backends.quantized.engine = backend
+    return policy
 
 
 def qat_qconfig(backend: str, weight_scales: str = "per-channel") -> QConfig:
@@ -113,15 +113,6 @@ def fake_quant_as_converted(constructor: Any) -> Any:
                                   eps=float(observer.eps), **per_channel)
 
 
-WEIGHT_SCALES = ("per-channel", "per-tensor")
-
-
-def check_weight_scales(weight_scales: str) -> None:
-    """QUANTIZATION.WEIGHT_SCALES, as both engines read it."""
-    if weight_scales not in WEIGHT_SCALES:
-        raise ConfigError(f"QUANTIZATION.WEIGHT_SCALES must be one of {WEIGHT_SCALES}, got '{weight_scales}'")
-
-
 def assign_qconfig(model: nn.Module, backend: str, qat: bool, weight_scales: str = "per-channel") -> None:
     """Int8 weights with one scale per output channel (or per tensor), uint8 activations; transposed convs get
     per-tensor weights, which is what torch.ao's quantized ConvTranspose2d supports. Float islands already carry
@@ -143,11 +134,10 @@ def prepare(float_model: nn.Module, cfg: CfgNode, mode: str | None = None,
         raise ConfigError(f"QUANTIZATION.MODE must be one of {MODES}, got '{mode}'")
     stages = stages if stages is not None else QuantizationStages()
     backend = cfg.QUANTIZATION.BACKEND
-    select_backend(backend)
+    policy = select_backend(backend)
     qat = mode == "qat"
     patched, stages.islands = patch_for_quantization(float_model, cfg.QUANTIZATION.FLOAT_MODULES,
-                                                     float_predictor=backend not in TRANSPOSED_CONV_OK,
-                                                     float_1x1_pooling=backend == "qnnpack")
+                                                     **policy.patch_options())
     stages.hook_audits["patch"] = audit_hooks(patched)
     # QAT fuses into train-mode ConvBn modules (BN keeps learning); PTQ folds BN into the conv weights.
     patched.train(qat)

@@ -47,11 +47,11 @@ from google.protobuf.message import Message
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from fnl.engine.backends import CAFFE2_INT8, WEIGHT_SCALES
 from fnl.export.caffe2.proto import make_op
 from fnl.utils.errors import UserError
 
 NCHW, NHWC = "NCHW", "NHWC"
-WEIGHT_SCALES = ("per-tensor", "per-channel")
 _TO_NHWC = (0, 2, 3, 1)
 _AXIS_IN_NHWC = {0: 0, 1: 3, 2: 1, 3: 2}  # an NCHW axis -> the same axis of the NHWC tensor
 
@@ -795,7 +795,7 @@ def _fuse_max_pool(c: _Converter, node: onnx.NodeProto, quantize: onnx.NodeProto
     if x is None or relu or x.layout != NHWC or not _same_quantization(x, scale, zero_point):
         return None
     arguments = _pool_arguments(node)
-    if arguments["kernels"] == [1, 1]:
+    if arguments["kernels"] == [1, 1] and not CAFFE2_INT8.pools_1x1:
         return _subsampling_conv(c, node, x, out, arguments) if not any(arguments["pads"]) else None
     c.emit("Int8MaxPool", [x.blob], [out], node, **arguments, order=NHWC, Y_scale=scale, Y_zero_point=zero_point)
     return _Int8(out, scale, zero_point, NHWC)
