@@ -21,9 +21,6 @@ from fnl.utils.logging import close_log_files
 STORED_CONFIG_HELP = "config (path, or a name in configs/); default: the one stored in the checkpoint"
 
 
-STORED_CONFIG_HELP = "config (path, or a name in configs/); default: the one stored in the checkpoint"
-
-
 def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True,
                          config_help: str = "YAML config (path, or a name in configs/)") -> None:
     """--config and the trailing KEY VALUE overrides (``args.opts``), the same in every command that takes them."""
