@@ -112,10 +112,11 @@ def lr_factor(cfg: CfgNode, iteration: int) -> float:
 def build_scheduler(cfg: CfgNode, optimizer: torch.optim.Optimizer, start_iter: int = 0
                     ) -> torch.optim.lr_scheduler.LambdaLR:
     """cfg.SOLVER's warm-up + multi-step schedule, positioned at ``start_iter`` when resuming."""
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
-    for _ in range(start_iter):  # the schedule is a pure function of the iteration
-        scheduler.step()
-    return scheduler
+    # The schedule is a pure function of the iteration: start there directly (stepping the scheduler up to it before
+    # any optimizer step made torch warn, on every --resume, that the schedule's first value would be skipped).
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])  # a resumed optimizer's state holds it already
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it), last_epoch=start_iter - 1)
 
 
 def check_losses_finite(losses: dict[str, torch.Tensor], iteration: int) -> torch.Tensor:

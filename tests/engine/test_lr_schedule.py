@@ -59,6 +59,7 @@ def test_every_step_applies_the_scheduled_rate_and_the_history_records_it() -> N
     assert recorded == pytest.approx(EXPECTED_LR)
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # torch's "scheduler stepped before the optimizer" among them
 @pytest.mark.parametrize("start_iter", [3, 6, 7])
 def test_resuming_at_an_iteration_continues_the_schedule_where_it_was(start_iter: int) -> None:
     cfg = load_config(None, SCHEDULE)
