@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -49,3 +51,25 @@ def tiny_cfg(tiny_dataset):
     return load_config("test_tiny", ["DATASETS.ROOT", str(tiny_dataset), "QUANTIZATION.MAX_ITER", "3",
                                      "QUANTIZATION.FREEZE_BN_ITER", "1", "QUANTIZATION.FREEZE_OBSERVER_ITER", "2",
                                      "QUANTIZATION.CALIBRATION_IMAGES", "4", "QUANTIZATION.CHECKPOINT_PERIOD", "2"])
+
+
+GATE_MODEL = Path(__file__).parent / "assets" / "gate_float.pth"
+
+
+@pytest.fixture(scope="session")
+def gate_model(tmp_path_factory):
+    """The AP gate's float model (tests/assets/gate_float.pth) with its config reading the 10-image synthetic set it
+    was fitted to (configs/gate_mobile_parsing_rcnn_b_tiny.yaml; generation is deterministic): its 8 train images
+    are where its outputs are worth keeping (box AP ~80, DensePose AP ~30)."""
+    from fnl.data.synthetic import generate_synthetic_dataset
+    from fnl.engine.checkpoint import config_from_checkpoint, load_state
+    from fnl.modeling import build_model
+
+    root = tmp_path_factory.mktemp("gate") / "synth"
+    generate_synthetic_dataset(root, num_images=10, seed=3, image_size=256, val_fraction=0.2, progress=False)
+    cfg = config_from_checkpoint(GATE_MODEL)
+    cfg.merge_from_list(["DATASETS.ROOT", str(root), "TEST.MAX_IMAGES", "0"])
+    cfg.freeze()
+    model = build_model(cfg)
+    load_state(model, GATE_MODEL, strict=True)
+    return cfg, model.eval()

@@ -9,9 +9,12 @@ real difference in boxes, scores or head outputs still does.
 - ``FLOAT32``: every detection pairs up (same count) with boxes and scores within 1e-3, head outputs within 1e-3.
 - ``INT8``: at least 95% of detections pair up at IoU >= 0.9 -- or, for a model whose own detections are less stable
   than that, as many as pair between PyTorch on the image and PyTorch on the image with one gray level added on a
-  checkerboard of pixels, minus 0.1 (the sampling noise of a few hundred detections); other differences are
-  reported, not judged. On a dataset, box AP and DensePose AP (the same evaluator scoring both) must also agree
-  within 0.5 AP points (``ap_rows``).
+  checkerboard of pixels, minus 0.1 (the sampling noise of a few hundred detections). Whatever that floor, 90% of
+  the detections either side scores >= 0.7 must find a partner at IoU >= 0.5 (``DecisivePairing``): a floor that
+  can sink to 0% on an unstable model can no longer fail, and a wrong scale anywhere moves confident boxes far
+  more than rounding does. Other differences are reported, not judged. On a dataset, box AP and DensePose AP (the
+  same evaluator scoring both) must also agree within 0.5 AP points (``ap_rows``). An int8 verification judges on
+  at least 8 images (``require_images``).
 
 Why that floor: two int8 runtimes round a few values per layer differently (fbgemm adds a float bias to a float32
 product, ONNX Runtime an int32 bias to an int32 sum; ties fall differently), and a deep int8 network amplifies one
@@ -39,6 +42,7 @@ import torch
 from fnl.export.onnx import ExportableRCNN
 from fnl.export.runtime import DENSEPOSE_OUTPUTS, GraphPredictor, OnnxPredictor
 from fnl.modeling import GeneralizedRCNN
+from fnl.utils.errors import UserError
 from fnl.utils.modules import eval_mode
 
 
@@ -57,6 +61,13 @@ class Criteria:
     # With a margin: where the PyTorch model's own pairing under a one-gray-level input change is below min_matched,
     # that pairing minus the margin is required instead (see the module docstring).
     noise_floor_margin: float | None = None
+    # The bound under that floor, which no model lowers: detections either side scores at least decisive_score must
+    # find a partner of the same class at IoU >= decisive_min_iou on the other side, decisive_min_matched of them.
+    decisive_score: float | None = None
+    decisive_min_iou: float = 0.5
+    decisive_min_matched: float = 0.9
+    # Fewest images a verification judges on: pairing rates and AP of fewer images are noise (``require_images``).
+    min_images: int = 1
 
     def __post_init__(self) -> None:
         if (self.box_atol is None) == (self.min_iou is None):
@@ -69,7 +80,20 @@ class Criteria:
 
 
 FLOAT32 = Criteria("float32", box_atol=1e-3, score_atol=1e-3, head_atol=1e-3, min_matched=1.0)
-INT8 = Criteria("int8", min_iou=0.9, min_matched=0.95, ap_tolerance=0.5, noise_floor_margin=0.1)
+INT8 = Criteria("int8", min_iou=0.9, min_matched=0.95, ap_tolerance=0.5, noise_floor_margin=0.1,
+                decisive_score=0.7, decisive_min_iou=0.5, decisive_min_matched=0.9, min_images=8)
+
+
+class VerificationInputError(UserError, ValueError):
+    """A verification asked to judge on too little: fewer images than its criteria need."""
+
+
+def require_images(criteria: Criteria, count: int) -> None:
+    """Refuse to judge ``count`` images under ``criteria`` when that is fewer than it needs (``min_images``)."""
+    if count < criteria.min_images:
+        raise VerificationInputError(
+            f"{criteria.name} verification needs at least {criteria.min_images} images to judge, got {count}: "
+            f"pairing rates and AP over fewer images are noise (use --verify-images {criteria.min_images} or more)")
 
 # Evaluator metrics compared by ``ap_rows``: (row name, evaluator task).
 AP_METRICS = (("bbox AP", "bbox"), ("densepose AP", "densepose"))
@@ -225,6 +249,38 @@ class PairingFloor:
         return rows
 
 
+class DecisivePairing:
+    """The floor's lower bound: detections that either side scores at least ``criteria.decisive_score`` must find a
+    partner of the same class at IoU >= ``decisive_min_iou`` on the other side (at any score), at least
+    ``decisive_min_matched`` of them. Kernels that round differently move a confident box by a few pixels, or a
+    near-threshold one across the threshold; an export with a wrong scale or a broken layer moves confident boxes
+    away or drops them, however unstable the model is under a one-gray-level change. Where neither side scores
+    anything that high there is nothing to judge, and the row says so (compared 0)."""
+
+    def __init__(self, criteria: Criteria) -> None:
+        self.criteria = criteria
+        self.loose = Criteria(f"{criteria.name} decisive", min_iou=criteria.decisive_min_iou)
+        self.row = DiffRow(f"decisive detections (score >= {criteria.decisive_score}, IoU >= "
+                           f"{criteria.decisive_min_iou:g})", tolerance=round(1 - criteria.decisive_min_matched, 4))
+
+    def add(self, reference: dict[str, np.ndarray], test: dict[str, np.ndarray]) -> None:
+        if self.criteria.decisive_score is None:
+            return
+        for side, other in ((reference, test), (test, reference)):
+            decisive = side["scores"] >= self.criteria.decisive_score
+            pairs = match_detections(side["boxes"][decisive], side["classes"][decisive], other["boxes"],
+                                     other["classes"], self.loose)
+            self.row.compared += int(decisive.sum())
+            self.row.failures += int(decisive.sum()) - len(pairs)
+
+    def judge(self) -> list[DiffRow]:
+        if self.criteria.decisive_score is None:
+            return []
+        paired = self.row.compared - self.row.failures
+        self.row.passed = paired >= self.criteria.decisive_min_matched * self.row.compared - 1e-9  # 0.9 * 20 = 17.99..
+        return [self.row]
+
+
 class _Comparison:
     """The diff rows, filled image by image."""
 
@@ -236,6 +292,7 @@ class _Comparison:
         self.heads = [DiffRow(name, tolerance=criteria.head_atol) for name in DENSEPOSE_OUTPUTS] if densepose else []
         self.paired = 0
         self.floor = PairingFloor(criteria)
+        self.decisive = DecisivePairing(criteria)
 
     def add(self, reference: dict[str, np.ndarray], test: dict[str, np.ndarray],
             reference_on_test_boxes: dict[str, np.ndarray]) -> None:
@@ -247,6 +304,7 @@ class _Comparison:
         self.paired += len(pairs)
         self.detections.compared += largest
         self.detections.failures += largest - len(pairs)
+        self.decisive.add(reference, test)
         self.boxes.add(reference["boxes"][ref_index], test["boxes"][test_index])
         self.scores.add(reference["scores"][ref_index], test["scores"][test_index])
         for row in self.heads:
@@ -254,7 +312,7 @@ class _Comparison:
 
     def finish(self) -> list[DiffRow]:
         floor = self.floor.judge(self.detections, self.paired)
-        return [self.detections, *floor, self.boxes, self.scores, *self.heads]
+        return [self.detections, *floor, *self.decisive.judge(), self.boxes, self.scores, *self.heads]
 
 
 def ap_rows(reference: dict[str, Any], test: dict[str, Any], criteria: Criteria) -> list[DiffRow]:

@@ -49,6 +49,7 @@ from fnl.export.verify import (
     FLOAT32,
     INT8,
     Criteria,
+    DecisivePairing,
     DiffRow,
     PairingFloor,
     VerificationReport,
@@ -242,6 +243,7 @@ def _compare(predictor: Caffe2Predictor, reference: _OnnxReference | _PyTorchRef
     boxes = DiffRow("boxes", tolerance=criteria.box_atol)
     scores = DiffRow("scores", tolerance=criteria.score_atol)
     floor = PairingFloor(criteria)
+    decisive = DecisivePairing(criteria)
     paired = 0
     for image in images:
         expected = reference.run(image)
@@ -253,6 +255,7 @@ def _compare(predictor: Caffe2Predictor, reference: _OnnxReference | _PyTorchRef
         paired += len(pairs)
         detections.compared += largest
         detections.failures += largest - len(pairs)
+        decisive.add(expected, test)
         ref_index = np.array([i for i, _ in pairs], dtype=np.int64)
         test_index = np.array([j for _, j in pairs], dtype=np.int64)
         boxes.add(expected["boxes"][ref_index], test["boxes"][test_index])
@@ -263,7 +266,7 @@ def _compare(predictor: Caffe2Predictor, reference: _OnnxReference | _PyTorchRef
         if stages is not None:
             stages.add(test)
     floor_rows = floor.judge(detections, paired)
-    return VerificationReport(criteria, [detections, *floor_rows, boxes, scores,
+    return VerificationReport(criteria, [detections, *floor_rows, *decisive.judge(), boxes, scores,
                                          *(heads.rows if heads is not None else [])], len(images))
 
 
