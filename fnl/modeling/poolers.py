@@ -42,11 +42,14 @@ class ROIPooler(nn.Module):
         if len(features) == 1:
             return self._pool(features[0], rois, self.scales[0])
         levels = self.assign_levels(rois)
-        out = rois.new_zeros((rois.shape[0], features[0].shape[1], self.output_size, self.output_size))
+        pooled, order = [], []
         for level, (feature, scale) in enumerate(zip(features, self.scales, strict=True)):
             index = torch.nonzero(levels == level).squeeze(1)
-            out = out.index_copy(0, index, self._pool(feature, rois[index], scale))
-        return out
+            pooled.append(self._pool(feature, rois[index], scale))
+            order.append(index)
+        # Back to RoI order with one row gather: in ONNX that is Concat + Gather, where copying each level into a
+        # zero tensor (index_copy) became a ScatterElements with an index per pooled value, ~7 ms per image.
+        return torch.cat(pooled)[torch.argsort(torch.cat(order))]
 
     def _pool(self, feature: torch.Tensor, rois: torch.Tensor, scale: float) -> torch.Tensor:
         return roi_align(feature, rois, self.output_size, spatial_scale=scale,
