@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from fnl.export.graph_compaction import compact_graph, compact_onnx_file
+from fnl.export.graph_compaction import compact_graph, compact_onnx_file, part_tag
 from fnl.export.onnx import to_onnx
 from fnl.export.runtime import INPUT_NAME
 
@@ -64,7 +65,7 @@ def test_compaction_folds_constants_drops_identity_casts_and_shortens_names_with
     assert op_types == ["QuantizeLinear", "DequantizeLinear", "Add", "ReduceSum", "Greater", "If"]
     # Both scale constants became one initializer; the ones of ConstantOfShape an initializer of its own.
     assert sorted(len(t.dims) for t in compacted.graph.initializer) == [0, 0, 0, 2]
-    assert all(node.name == "" for node in compacted.graph.node)
+    assert [node.name for node in compacted.graph.node] == [f"g.{i:x}" for i in range(6)]  # untagged scopes: glue
     assert all(not name.startswith("/") for node in compacted.graph.node for name in (*node.input, *node.output))
     assert [v.name for v in compacted.graph.input] == ["x"] and [v.name for v in compacted.graph.output] == ["y"]
     assert len(model.graph.node) == 13  # the input model is left as it was
@@ -119,5 +120,90 @@ def test_a_compacted_int8_export_is_smaller_and_computes_exactly_what_the_export
 
 def test_fnl_exports_are_compacted_by_default(int8_export):
     graph = onnx.load(str(int8_export.path)).graph
-    assert all(node.name == "" for node in graph.node)
     assert not any(node.op_type == "Constant" for node in graph.node)
+    # Node names are the part each node was traced in (what fnl.export.profile sums by), and unique.
+    assert {node.name.split(".")[0] for node in graph.node} == {"bb", "rpn", "box", "dp", "g"}
+    assert len({node.name for node in graph.node}) == len(graph.node)
+    # The DensePose predictor's four transposed convs are one.
+    assert [node.op_type for node in graph.node].count("ConvTranspose") == 1
+
+
+@pytest.mark.parametrize("scope", ["/roi_heads/densepose_predictor/module/u_lowres/ConvTranspose",
+                                   "/roi_heads/decoder/p3/0/conv/Conv", "/roi_heads/box_pooler/RoiAlign",
+                                   "/proposal_generator/rpn_head/conv/Conv", "/backbone/bottom_up/conv_stem/Conv",
+                                   "/Sub", ""])
+def test_part_tag_of_a_scope(scope):
+    expected = {"densepose": "dp", "decoder": "dp", "box_pooler": "box", "rpn_head": "rpn", "backbone": "bb"}
+    assert part_tag(scope) == next((tag for key, tag in expected.items() if key in scope), "g")
+
+
+def _parallel_conv_transposes(quantized: bool) -> tuple[onnx.ModelProto, list[np.ndarray]]:
+    """x -> three ConvTranspose (4x4, stride 2, 2 / 5 / 3 outputs) -> y0, y1, y2; with ``quantized``, x and the
+    weights reach them through per-tensor DequantizeLinear nodes (one per conv, with scales of their own, as torch.onnx
+    writes them) and the biases are int32."""
+    rng = np.random.default_rng(0)
+    counts, nodes, initializers = [2, 5, 3], [], []
+
+    def constant(name: str, value: np.ndarray) -> str:
+        initializers.append(numpy_helper.from_array(value, name))
+        return name
+
+    if quantized:
+        nodes.append(helper.make_node("QuantizeLinear", ["x", constant("xs", np.array(0.05, np.float32)),
+                                                          constant("xz", np.array(128, np.uint8))], ["xq"]))
+    for k, count in enumerate(counts):
+        weight = rng.normal(size=(4, count, 4, 4)).astype(np.float32)
+        bias = rng.normal(size=count).astype(np.float32)
+        if quantized:
+            ws = np.float32(np.abs(weight).max() / 127)
+            nodes.append(helper.make_node("DequantizeLinear", ["xq", constant(f"xs{k}", np.array(0.05, np.float32)),
+                                                               constant(f"xz{k}", np.array(128, np.uint8))],
+                                          [f"x{k}"]))
+            nodes.append(helper.make_node("DequantizeLinear", [constant(f"w{k}", np.round(weight / ws).astype(np.int8)),
+                                                               constant(f"ws{k}", np.array(ws)),
+                                                               constant(f"wz{k}", np.array(0, np.int8))], [f"wf{k}"]))
+            nodes.append(helper.make_node("DequantizeLinear", [
+                constant(f"b{k}", np.round(bias / (ws * 0.05)).astype(np.int32)),
+                constant(f"bs{k}", np.array(ws * 0.05, np.float32)), constant(f"bz{k}", np.array(0, np.int32))],
+                [f"bf{k}"]))
+            inputs = [f"x{k}", f"wf{k}", f"bf{k}"]
+        else:
+            inputs = ["x", constant(f"w{k}", weight), constant(f"b{k}", bias)]
+        nodes.append(helper.make_node("ConvTranspose", inputs, [f"y{k}"], kernel_shape=[4, 4], strides=[2, 2],
+                                      pads=[1, 1, 1, 1], name=f"/densepose_predictor/{k}/ConvTranspose"))
+    graph = helper.make_graph(nodes, "deconvs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+                              [helper.make_tensor_value_info(f"y{k}", TensorProto.FLOAT, [1, n, 12, 12])
+                               for k, n in enumerate(counts)], initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model, [rng.normal(size=(1, 4, 6, 6)).astype(np.float32) for _ in range(2)]
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_transposed_convs_reading_one_input_become_one_with_the_same_outputs(quantized):
+    model, inputs = _parallel_conv_transposes(quantized)
+    compacted = compact_graph(model)
+    onnx.checker.check_model(compacted, full_check=True)
+    op_types = [node.op_type for node in compacted.graph.node]
+    assert op_types.count("ConvTranspose") == 1 and op_types.count("Split") == 1
+    if quantized:  # x dequantized once, the merged int8 weights once (per output channel)
+        assert op_types.count("DequantizeLinear") == 2
+        assert any(t.data_type == TensorProto.INT8 and tuple(t.dims) == (4, 10, 4, 4)
+                   for t in compacted.graph.initializer)
+    for x in inputs:
+        for ours, before in zip(_run(compacted, {"x": x}), _run(model, {"x": x}), strict=True):
+            np.testing.assert_array_equal(ours, before)
+
+
+def test_a_transposed_conv_with_other_attributes_stays_apart():
+    model, _ = _parallel_conv_transposes(quantized=False)
+    pads = next(a for a in model.graph.node[1].attribute if a.name == "pads")
+    pads.ints[:] = [0, 0, 0, 0]  # the second conv: no padding, a larger output
+    for dim in model.graph.output[1].type.tensor_type.shape.dim[2:]:
+        dim.dim_value = 14
+    compacted = compact_graph(model)
+    # The first and the third still merge; the second keeps its own node.
+    assert [node.op_type for node in compacted.graph.node].count("ConvTranspose") == 2
+    x = np.ones((1, 4, 6, 6), np.float32)
+    for ours, before in zip(_run(compacted, {"x": x}), _run(model, {"x": x}), strict=True):
+        np.testing.assert_array_equal(ours, before)
