@@ -31,6 +31,18 @@ class Neck(nn.Module):
         # detectron2's LastLevelMaxPool; a module, so the quantization patch can find it (QNNPACK refuses 1x1 pooling)
         self.top_block = nn.MaxPool2d(kernel_size=1, stride=2)
 
+    def bottom_up_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone's feature maps, one per ``in_features`` name."""
+        features = self.bottom_up(x)
+        if len(features) != len(self.in_features):
+            # timm collects some taps with hooks; a module that lost them (torch.ao's int8 modules drop their hooks in
+            # copy.deepcopy) returns fewer maps, which would end in a zip() error far from the cause.
+            raise RuntimeError(f"the backbone returned {len(features)} feature maps, the neck reads "
+                               f"{len(self.in_features)} ({', '.join(self.in_features)}): were its feature hooks "
+                               "lost, e.g. by copy.deepcopy of an int8 model? Copy it before quantizing instead "
+                               "(docs/NOTES.md)")
+        return features
+
 
 class FPN(Neck):
     """detectron2's FPN: 1x1 laterals, nearest top-down sum, 3x3 outputs, P6 by stride-2 max-pool of P5."""
@@ -49,7 +61,7 @@ class FPN(Neck):
         self.top_down_adds = nn.ModuleList(FloatFunctional() for _ in self.in_features[:-1])
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self.bottom_up(x)
+        features = self.bottom_up_features(x)
         outputs: list[torch.Tensor] = []
         top_down: torch.Tensor | None = None
         for k, (name, feature) in enumerate(zip(reversed(self.in_features), reversed(features), strict=True)):
@@ -139,7 +151,7 @@ class BiFPN(Neck):
         self.layers = nn.ModuleList(BiFPNLayer(num_levels, out_channels, eps) for _ in range(num_repeats))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self.bottom_up(x)
+        features = self.bottom_up_features(x)
         levels = [lateral(f) for lateral, f in zip(self.laterals, features, strict=True)]
         levels.append(self.top_block(levels[-1]))
         for layer in self.layers:

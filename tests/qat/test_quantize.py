@@ -92,6 +92,18 @@ def test_expansion_taps_feed_the_neck_after_fuse_prepare_qat_and_convert(float_m
     assert all(f.is_quantized for f in features.values())
 
 
+def test_a_deep_copy_of_an_int8_model_that_lost_its_taps_says_so(float_model, image):
+    import copy
+
+    prepared = prepare(float_model, load_config("mobile_parsing_rcnn_b", SMALL), "ptq")
+    with torch.no_grad():
+        prepared([{"image": image}])
+    # torch.ao's int8 convs deep-copy without their hooks, timm's expansion taps among them (docs/NOTES.md).
+    copied = copy.deepcopy(convert(prepared))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="returned 0 feature maps, the neck reads 4 .*deepcopy"):
+        copied([{"image": image}])
+
+
 def test_int8_model_is_small_and_reloads_in_a_fresh_process(float_model, image, tmp_path):
     cfg = load_config("mobile_parsing_rcnn_b", SMALL)
     prepared = prepare(float_model, cfg, "ptq")
