@@ -221,8 +221,11 @@ def patch_for_quantization(model: nn.Module, float_modules: list[str] | tuple[st
     regions = active_regions(model)
     make_blocks_quantizable(model.backbone)
 
+    # A region's last module hands its outputs to float code (and may return a tuple): kept float, it stays so.
+    exits = {region.modules[-1] for region in regions if region.exit_reason is not None}
+
     def island(name: str, reason: str) -> None:
-        replace_submodule(model, name, FloatIsland(model.get_submodule(name)))
+        replace_submodule(model, name, FloatIsland(model.get_submodule(name), quantize_output=name not in exits))
         islands.append(FloatIslandRecord(name, "float island", reason))
 
     for name in float_modules:
@@ -251,6 +254,8 @@ def patch_for_quantization(model: nn.Module, float_modules: list[str] | tuple[st
             continue
         last = region.modules[-1]
         module = model.get_submodule(last)
+        if isinstance(module, FloatIsland):  # named in QUANTIZATION.FLOAT_MODULES: its outputs are float already
+            continue
         if float_predictor and any(isinstance(m, nn.ConvTranspose2d) for m in module.modules()):
             replace_submodule(model, last, FloatIsland(module, quantize_output=False))
             islands.append(FloatIslandRecord(last, "float island",
