@@ -32,6 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="QUANTIZATION.BACKEND of the eager engine (default fbgemm)")
     parser.add_argument("--mode", choices=MODES, default="qat", help="QAT (default) or calibration only")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for the latency figures (default 2)")
+    parser.add_argument("--sensitivity", action="store_true",
+                        help="first measure box / DensePose AP per layer group int8 alone and all int8 but it "
+                             "(PTQ, resumable in --output/sensitivity; docs/SENSITIVITY.md)")
+    parser.add_argument("--max-ap-drop", type=float, metavar="POINTS",
+                        help="keep float the fewest layer groups that bring int8 within POINTS of float32 (box and "
+                             "DensePose AP), quantize with them, export ONNX and time it (implies --sensitivity)")
+    parser.add_argument("--sensitivity-groups", nargs="+", metavar="GROUP",
+                        help="measure only these layer groups (stem, stage0.., neck, rpn_head, box_head, "
+                             "densepose_head, predictor; default all)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted QAT run in --output")
     parser.add_argument("--force", action="store_true", help="overwrite an existing int8 model in --output")
     parser.add_argument("--unsafe-load", action="store_true",
@@ -54,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     if args.engine == "pt2e" and args.backend:
         raise InvalidArgumentError(f"--backend {args.backend} selects a torch.ao eager engine; --engine pt2e always "
                                    "quantizes for XNNPACK (ExecuTorch's quantizer and kernels): drop --backend")
+    if args.max_ap_drop is not None and not args.max_ap_drop >= 0:
+        raise InvalidArgumentError(f"--max-ap-drop is a number of AP points, 0 or more; got {args.max_ap_drop}")
     check_output_dir(args.output)
     # Before the dataset, which may be generated on first use: a wrong checkpoint must fail in seconds.
     check_float_checkpoint(args.ckpt, read_checkpoint(args.ckpt, args.unsafe_load))
@@ -65,16 +76,26 @@ def run(args: argparse.Namespace) -> int:
     int8_path = output / int8_checkpoint_names(args.engine)[0]
     if int8_path.exists() and not (args.force or args.resume):
         raise FileExistsError(f"{int8_path} already exists; pass --force to overwrite it or --resume")
-    overrides = ["DATASETS.ROOT", ensure_dataset(args.data), "OUTPUT_DIR", str(output)]
+    data_root = ensure_dataset(args.data)
+    overrides = ["DATASETS.ROOT", data_root, "OUTPUT_DIR", str(output)]
     if args.iters is not None:
         overrides += ["QUANTIZATION.MAX_ITER", str(args.iters)]
     if args.backend:
         overrides += ["QUANTIZATION.BACKEND", args.backend]
     overrides += ["QUANTIZATION.MODE", args.mode, *args.opts]
     document = quantize_and_report(args.ckpt, output, args.config, overrides, threads=args.threads,
-                                   resume=args.resume, allow_unsafe=args.unsafe_load, engine=args.engine)
+                                   resume=args.resume, allow_unsafe=args.unsafe_load, engine=args.engine,
+                                   sensitivity=args.sensitivity or bool(args.sensitivity_groups),
+                                   max_ap_drop=args.max_ap_drop, sensitivity_groups=args.sensitivity_groups)
     print((output / "report.md").read_text())
     print(f"int8 model: {int8_path}\nreport: {output / 'report.json'}")
+    if args.max_ap_drop is not None and args.engine == "eager":
+        from fnl.export.pipeline import export_and_report
+
+        # The budget's latency in ONNX Runtime: the mixed model exported, verified and timed as any int8 model.
+        export_and_report(output, output / "onnx", data_root, threads=args.threads, calibration_images=4,
+                          caffe2=False)
+        print((output / "onnx" / "report.md").read_text())
     return 0 if document else 1
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -23,12 +24,13 @@ from fnl.engine.checkpoint import (
 from fnl.engine.report import ReportRow, file_megabytes, write_report
 from fnl.engine.train import NonFiniteLossError, rewind_to_last_good
 from fnl.modeling import build_model
+from fnl.qat.numerics import numerics_section
 from fnl.qat.patch import format_islands
 from fnl.qat.pipeline import QuantizationResult, quantize
 from fnl.qat.pt2e import PT2E_CHECKPOINT, PT2E_PTQ_CHECKPOINT, is_pt2e_checkpoint, save_pt2e_checkpoint
 from fnl.qat.serialization import is_int8_checkpoint, save_int8_checkpoint
 from fnl.qat.train import QAT_LAST_CHECKPOINT, QAT_PREFIX
-from fnl.utils.io import remove_stale_temporaries
+from fnl.utils.io import remove_stale_temporaries, write_text_atomic
 from fnl.utils.logging import setup_logger
 
 logger = logging.getLogger("fnl")
@@ -73,7 +75,14 @@ def check_float_checkpoint(path: str | Path, data: dict[str, Any]) -> None:
 
 def quantize_and_report(ckpt: str | Path, output: str | Path, config: str | None, overrides: Sequence[str],
                         threads: int = 2, resume: bool = False, allow_unsafe: bool = False,
-                        ptq_baseline: bool = True, engine: str = "eager") -> dict[str, Any]:
+                        ptq_baseline: bool = True, engine: str = "eager", sensitivity: bool = False,
+                        max_ap_drop: float | None = None, sensitivity_groups: Sequence[str] | None = None
+                        ) -> dict[str, Any]:
+    """Quantize ``ckpt`` and write the float32-vs-int8 report (per-layer SQNR included).
+
+    ``sensitivity``: first measure box / DensePose AP per layer group (``fnl.qat.sensitivity``; ``sensitivity_groups``:
+    only these); ``max_ap_drop``: also choose the float groups that keep int8 within that many AP points of float32
+    and quantize with them (written to ``config.yaml`` as QUANTIZATION.FLOAT_MODULES)."""
     output = Path(output)
     check_float_checkpoint(ckpt, read_checkpoint(ckpt, allow_unsafe))
     cfg = resolve_config(ckpt, config, overrides, allow_unsafe)
@@ -87,6 +96,15 @@ def quantize_and_report(ckpt: str | Path, output: str | Path, config: str | None
     for stale in remove_stale_temporaries(output):
         logger.info("removed %s, left by an interrupted write", stale)
     torch.set_num_threads(threads)
+
+    analysis, all_int8_cfg = None, cfg
+    if sensitivity or max_ap_drop is not None:
+        from fnl.qat.sensitivity import analyse, with_float_modules
+
+        analysis = analyse(float_model, cfg, output, engine, max_ap_drop, sensitivity_groups)
+        if analysis.float_modules is not None:
+            cfg = with_float_modules(cfg, analysis.float_modules)
+            write_text_atomic(output / "config.yaml", cfg.dump())
 
     mode = cfg.QUANTIZATION.MODE
     int8_name, ptq_name = int8_checkpoint_names(engine)
@@ -103,6 +121,12 @@ def quantize_and_report(ckpt: str | Path, output: str | Path, config: str | None
             int8_row(result, cfg, output / int8_name)]
     if mode == "qat" and ptq_baseline:
         rows.append(int8_row(quantize(float_model, cfg, "ptq", engine=engine), cfg, output / ptq_name))
+
+    if analysis is not None and analysis.float_modules is not None:
+        # What the float islands cost: the same PTQ without them.
+        all_int8 = int8_row(quantize(float_model, all_int8_cfg, "ptq", engine=engine), all_int8_cfg,
+                            output / f"all_int8_{ptq_name}")
+        rows.append(dataclasses.replace(all_int8, name=f"{all_int8.name}, no budget islands"))
 
     hooks = {stage: len(records) for stage, records in result.stages.hook_audits.items()}
     q = cfg.QUANTIZATION
@@ -121,6 +145,13 @@ def quantize_and_report(ckpt: str | Path, output: str | Path, config: str | None
         + ("; `torch.export` traces the hooks present at capture into the backbone program, where the features they "
            "collect are graph edges." if engine == "pt2e" else "."),
     ]
+    numerics_note, numerics = numerics_section(float_model, result.int8_model, cfg, engine, result.stages.islands,
+                                               output)
+    notes.append(numerics_note)
+    extra = {"float_islands": [asdict(i) for i in result.stages.islands], "hooks": hooks, "engine": engine,
+             "numerics": numerics}
+    if analysis is not None:
+        notes += analysis.notes
+        extra.update(analysis.extra)
     return write_report(output, rows, cfg.INPUT.MIN_SIZE_TEST, threads, "fnl-quantize: float32 vs int8", notes,
-                        extra={"float_islands": [asdict(i) for i in result.stages.islands], "hooks": hooks,
-                               "engine": engine})
+                        extra=extra)
