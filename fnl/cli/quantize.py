@@ -38,9 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-ap-drop", type=float, metavar="POINTS",
                         help="keep float the fewest layer groups that bring int8 within POINTS of float32 (box and "
                              "DensePose AP), quantize with them, export ONNX and time it (implies --sensitivity)")
-    parser.add_argument("--sensitivity-groups", nargs="+", metavar="GROUP",
-                        help="measure only these layer groups (stem, stage0.., neck, rpn_head, box_head, "
-                             "densepose_head, predictor; default all)")
+    parser.add_argument("--sensitivity-groups", metavar="G1,G2,...",
+                        type=lambda text: [name for name in text.split(",") if name],
+                        help="measure only these layer groups, comma-separated (stem, stage0.., neck, rpn_head, "
+                             "box_head, densepose_head, predictor; default all)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted QAT run in --output")
     parser.add_argument("--force", action="store_true", help="overwrite an existing int8 model in --output")
     parser.add_argument("--unsafe-load", action="store_true",

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from fnl.hooks import audit_hooks
 from fnl.qat.patch import active_regions
+from fnl.utils.errors import InvalidArgumentError
 from fnl.utils.io import atomic_path, write_json_atomic
 from fnl.utils.modules import eval_mode
 
@@ -96,12 +97,12 @@ def check_groups(model: nn.Module, groups: Sequence[LayerGroup]) -> None:
     """Every group names modules of ``model``, and group names are unique: one line otherwise."""
     names = [group.name for group in groups]
     if len(set(names)) != len(names):
-        raise ValueError(f"layer group names must be unique, got {names}")
+        raise InvalidArgumentError(f"layer group names must be unique, got {names}")
     for group in groups:
         missing = [name for name in group.modules if not _present(model, [name])]
         if missing or not group.modules:
-            raise ValueError(f"layer group '{group.name}' names no module or modules the model does not have: "
-                             f"{missing}")
+            raise InvalidArgumentError(f"layer group '{group.name}' names no module or modules the model does "
+                                       f"not have: {missing}")
 
 
 @torch.no_grad()
@@ -295,7 +296,7 @@ def choose_float_groups(run: SensitivityRun, result: SensitivityResult, max_drop
     """Greedily make the most sensitive groups float until every metric is within ``max_drop`` points of float32;
     each step is verified by scoring the mix (``budget/<groups>`` measurements, resumable like the others)."""
     if not math.isfinite(max_drop) or max_drop < 0:
-        raise ValueError(f"--max-ap-drop must be a non-negative number of AP points, got {max_drop}")
+        raise InvalidArgumentError(f"--max-ap-drop must be a non-negative number of AP points, got {max_drop}")
     reference = result.float_scores.scores
     current = result.int8_scores
     steps = [current]
@@ -430,7 +431,7 @@ def select_groups(groups: Sequence[LayerGroup], names: Sequence[str] | None) -> 
     known = {group.name: group for group in groups}
     unknown = [name for name in names if name not in known]
     if unknown:
-        raise ValueError(f"unknown layer group(s) {unknown}: this model has {list(known)}")
+        raise InvalidArgumentError(f"unknown layer group(s) {unknown}: this model has {list(known)}")
     return [known[name] for name in dict.fromkeys(names)]
 
 

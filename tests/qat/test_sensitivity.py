@@ -194,3 +194,28 @@ def test_a_mixed_model_exports_to_onnx_and_verifies_as_int8(fragile_setup, tmp_p
     images = split_images(mixed_cfg, "train", INT8.min_images)
     report = verify_onnx(int8_model, to_onnx(int8_model, tmp_path / "mixed.onnx", images[0]), images, INT8)
     assert report.passed, report.table()
+
+
+def test_a_negative_ap_budget_is_one_line_before_any_file_is_read(tmp_path, capsys):
+    import fnl.cli.quantize
+
+    code = fnl.cli.quantize.main(["--ckpt", str(tmp_path / "missing.pth"), "--output", str(tmp_path / "out"),
+                                  "--max-ap-drop", "-1"])
+    assert code == 2
+    assert capsys.readouterr().err == ("fnl-quantize: error: --max-ap-drop is a number of AP points, 0 or more; "
+                                       "got -1.0\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_sensitivity_groups_are_comma_separated_and_an_unknown_one_lists_the_known(gate_model):
+    from fnl.cli.quantize import build_parser
+    from fnl.qat.sensitivity import select_groups
+
+    args = build_parser().parse_args(["--ckpt", "m.pth", "--output", "o", "--sensitivity-groups", "box_head,stem",
+                                      "TEST.MAX_IMAGES", "10"])
+    assert args.sensitivity_groups == ["box_head", "stem"] and args.opts == ["TEST.MAX_IMAGES", "10"]
+    _, model = gate_model
+    groups = layer_groups(model)
+    assert [g.name for g in select_groups(groups, args.sensitivity_groups)] == ["box_head", "stem"]
+    with pytest.raises(ValueError, match=r"unknown layer group\(s\) \['head'\]: this model has \['stem', 'stage0'"):
+        select_groups(groups, ["head"])
