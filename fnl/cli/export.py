@@ -1,14 +1,19 @@
-"""fnl-export: a float32 or int8 checkpoint as one ONNX graph, checked and compared with PyTorch.
+"""fnl-export: a float32 or int8 checkpoint as one ONNX graph, Caffe2 NetDefs or ExecuTorch programs, checked and
+compared with PyTorch.
 
-  fnl-export --ckpt model.pth|model_int8.pth [--config FILE] --format onnx --output DIR [--verify [--data DIR]]
-  fnl-export --from-quantize QDIR --format onnx --output DIR [--data DIR] [--threads N] [--input-size S]
-  fnl-export --ckpt model.pth|model_int8.pth --format caffe2 --output DIR [--verify [--data DIR]]
+  fnl-export onnx --ckpt model.pth|model_int8.pth --output DIR [--verify [--data DIR]] [--config FILE] [KEY VALUE ...]
+  fnl-export onnx --from-quantize QDIR --output DIR [--data DIR] [--threads N] [--input-size S]
+  fnl-export caffe2 --ckpt model.pth|model_int8.pth --output DIR [--verify [--data DIR]]
+  fnl-export executorch --ckpt QDIR/model_pt2e.pth | --from-quantize QDIR --output DIR [--verify [--data DIR]]
 
---format caffe2 writes DIR/model.pb, model_init.pb and model.pbtxt (fnl.export.caffe2: Caffe2 NetDefs, QNNPACK int8
+The format is the subcommand, so that only its own options can be typed; `fnl-export --format FORMAT ...` (without a
+subcommand: onnx) is the same command spelled as before.
+
+caffe2 writes DIR/model.pb, model_init.pb and model.pbtxt (fnl.export.caffe2: Caffe2 NetDefs, QNNPACK int8
 ops for an int8 checkpoint); --verify executes them with the reference executor against ONNX Runtime (float32) or
 PyTorch int8 (fnl.export.caffe2.verify) and exits with status 1 on failure.
 
---ckpt writes DIR/model_fp32.onnx (float checkpoint) or DIR/model_int8.onnx (int8 checkpoint written by
+onnx --ckpt writes DIR/model_fp32.onnx (float checkpoint) or DIR/model_int8.onnx (int8 checkpoint written by
 fnl-quantize: QuantizeLinear/DequantizeLinear around the int8 convs): the whole model as one ONNX graph (input: one
 RGB uint8 image, already resized so its shortest side is the test size, which the file's metadata records for
 fnl.export.runtime.OnnxPredictor to resize by; outputs: boxes in that image, scores, classes, DensePose head
@@ -17,7 +22,7 @@ images and prints the per-output differences; it exits with status 1 when they a
 (fnl.export.verify): float32 -- every detection within 1e-3; int8 -- at least 95% of the detections paired at
 IoU >= 0.9 and, with --data, box and DensePose AP on the test split within 0.5 of the PyTorch int8 model's.
 
---from-quantize takes a fnl-quantize output directory (model_fp32.pth, model_int8.pth) and writes into DIR
+onnx --from-quantize takes a fnl-quantize output directory (model_fp32.pth, model_int8.pth) and writes into DIR
 model_fp32.onnx, model_int8.onnx, model_ort_ptq.onnx (ONNX Runtime's own static PTQ of the float graph, calibrated on
 training images), caffe2_int8/ (the int8 model as Caffe2 NetDefs) and the size / AP / FPS report report.json,
 report.md, report.png with six rows: PyTorch float32, PyTorch int8, ONNX float32, ONNX int8, ONNX int8 (ORT static
@@ -29,10 +34,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from fnl.cli.common import add_config_arguments, config_from_args, ensure_dir, run_cli
+from fnl.cli.common import STORED_CONFIG_HELP, add_config_arguments, config_from_args, ensure_dir, run_cli
 from fnl.config import CfgNode
+from fnl.export.onnx import DEFAULT_OPSET
 from fnl.utils.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -43,34 +49,88 @@ if TYPE_CHECKING:
     from fnl.modeling import GeneralizedRCNN
 
 
-def main(argv: list[str] | None = None) -> int:
+FORMATS = ("onnx", "caffe2", "executorch")
+
+
+class OtherFormatsOption(argparse.Action):
+    """An option of other formats only, refused while parsing with the formats that take it named (without it, the
+    trailing KEY VALUE overrides would swallow it and the error would be about something else)."""
+
+    def __init__(self, option_strings: list[str], dest: str, formats: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS, **kwargs)
+        self.formats = formats
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        parser.error(f"{option_string} is an option of fnl-export {self.formats} only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One subcommand per format, each with only the options that format takes."""
     parser = argparse.ArgumentParser(prog="fnl-export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ckpt", help="model checkpoint (.pth): float, or int8 from fnl-quantize")
-    source.add_argument("--from-quantize", metavar="QDIR",
-                        help="fnl-quantize output directory: export its float32 and int8 models and write the report")
-    parser.add_argument("--format", choices=["onnx", "caffe2", "executorch"], default="onnx",
-                        help="export format (default onnx)")
-    parser.add_argument("--output", required=True, help="output directory")
-    parser.add_argument("--verify", action="store_true", help="compare the export with PyTorch; exit 1 on failure "
+    formats = parser.add_subparsers(dest="format", required=True, metavar="{" + ",".join(FORMATS) + "}")
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--output", required=True, help="output directory")
+    shared.add_argument("--verify", action="store_true", help="compare the export with PyTorch; exit 1 on failure "
                                                               "(always done with --from-quantize)")
-    parser.add_argument("--data", help="dataset root whose test split (DATASETS.TEST[0]) --verify runs on (default: "
+    shared.add_argument("--data", help="dataset root whose test split (DATASETS.TEST[0]) --verify runs on (default: "
                                        "synthetic images); with --from-quantize, the dataset the report is measured "
                                        "on (default: the embedded synthetic set)")
-    parser.add_argument("--verify-images", type=int, default=8, help="images --verify runs on (default 8)")
-    parser.add_argument("--calibration-images", type=int, default=16,
-                        help="training images calibrating ONNX Runtime's static PTQ (--from-quantize; default 16)")
-    parser.add_argument("--input-size", type=int, help="test size, the images' shortest side (INPUT.MIN_SIZE_TEST; "
+    shared.add_argument("--verify-images", type=int, default=8, help="images --verify runs on (default 8)")
+    shared.add_argument("--input-size", type=int, help="test size, the images' shortest side (INPUT.MIN_SIZE_TEST; "
                                                        "default: the config's)")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    parser.add_argument("--threads", type=int, default=2,
+    shared.add_argument("--threads", type=int, default=2,
                         help="ONNX Runtime (and, for the report, PyTorch) threads (default 2)")
-    parser.add_argument("--force", action="store_true", help="overwrite existing output files")
-    parser.add_argument("--unsafe-load", action="store_true",
+    shared.add_argument("--force", action="store_true", help="overwrite existing output files")
+    shared.add_argument("--unsafe-load", action="store_true",
                         help="load a checkpoint holding arbitrary pickled objects (only from a trusted source)")
-    add_config_arguments(parser, required=False)
-    args = parser.parse_args(argv)
+
+    def add_format(name: str, help_text: str, from_quantize: str | None) -> argparse.ArgumentParser:
+        command = formats.add_parser(name, parents=[shared], help=help_text, description=help_text)
+        source = command.add_mutually_exclusive_group(required=True)
+        source.add_argument("--ckpt", help="model checkpoint (.pth): float, or int8 from fnl-quantize")
+        if from_quantize:
+            source.add_argument("--from-quantize", metavar="QDIR", help=from_quantize)
+        else:
+            command.add_argument("--from-quantize", action=OtherFormatsOption, formats="onnx|executorch")
+        return command
+
+    onnx = add_format("onnx", "one ONNX graph of a float32 or int8 checkpoint, run by ONNX Runtime",
+                      "fnl-quantize output directory: export its float32 and int8 models and write the report")
+    onnx.add_argument("--calibration-images", type=int, default=16,
+                      help="training images calibrating ONNX Runtime's static PTQ (--from-quantize; default 16)")
+    onnx.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    add_config_arguments(onnx, required=False, config_help=STORED_CONFIG_HELP)
+    caffe2 = add_format("caffe2", "Caffe2 NetDefs (QNNPACK int8 operators for an int8 checkpoint)", None)
+    add_config_arguments(caffe2, required=False, config_help=STORED_CONFIG_HELP)
+    executorch = add_format("executorch", "XNNPACK .pte programs of a PT2E int8 model (fnl-quantize --engine pt2e), "
+                                          "with the config stored in it",
+                            "fnl-quantize --engine pt2e output directory: export it and write the report")
+    executorch.set_defaults(config=None, opts=[])
+    return parser
+
+
+def with_format_subcommand(argv: list[str]) -> list[str]:
+    """``argv`` of the former spelling, ``--format FORMAT`` (default onnx) among the options, as the subcommand
+    ``FORMAT`` followed by the other arguments; any other ``argv`` as it is."""
+    if argv and (not argv[0].startswith("-") or argv[0] in ("-h", "--help")):
+        return argv  # a subcommand (or a misspelt one, which the parser names), or the help
+    rest, chosen = list(argv), "onnx"
+    for k, token in enumerate(rest):
+        if token == "--format" and k + 1 < len(rest):
+            chosen = rest[k + 1]
+            del rest[k:k + 2]
+            break
+        if token.startswith("--format="):
+            chosen = token.partition("=")[2]
+            del rest[k]
+            break
+    return [chosen, *rest]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(with_format_subcommand(sys.argv[1:] if argv is None else argv))
     return run_cli(lambda: _export(args), "fnl-export")
 
 
@@ -89,9 +149,6 @@ def _export(args: argparse.Namespace) -> int:
     if args.format == "executorch":
         return _export_executorch(args)
     if args.from_quantize:
-        if args.format != "onnx":
-            raise InvalidArgumentError("--from-quantize writes ONNX exports and their report; export Caffe2 with "
-                                       "--ckpt")
         return _export_and_report(args)
     cfg = _config(args)
     model = _load_model(cfg, args.ckpt, args.unsafe_load)
@@ -142,7 +199,7 @@ def _export_caffe2(model: GeneralizedRCNN, cfg: CfgNode, args: argparse.Namespac
 
 
 def _export_executorch(args: argparse.Namespace) -> int:
-    """--format executorch: XNNPACK .pte programs of a PT2E int8 model (fnl-quantize --engine pt2e), run by
+    """fnl-export executorch: XNNPACK .pte programs of a PT2E int8 model (fnl-quantize --engine pt2e), run by
     fnl.export.executorch.ExecuTorchPredictor. --from-quantize QDIR also measures and writes the report (PyTorch
     float32, PyTorch PT2E int8, ExecuTorch int8); --ckpt QDIR/model_pt2e.pth writes the programs (--verify: compare
     with the PyTorch PT2E model)."""
@@ -162,9 +219,6 @@ def _export_executorch(args: argparse.Namespace) -> int:
     )
     from fnl.qat.pt2e import load_pt2e_checkpoint
 
-    if args.config or args.opts:
-        raise InvalidArgumentError("--format executorch uses the config stored in the PT2E checkpoint: drop --config "
-                                   "and KEY VALUE overrides")
     output = Path(args.output)
     if args.from_quantize:
         document = export_executorch_and_report(args.from_quantize, output, ensure_dataset(args.data), args.threads,
@@ -176,7 +230,7 @@ def _export_executorch(args: argparse.Namespace) -> int:
     from fnl.qat.pt2e import is_pt2e_checkpoint
 
     if not is_pt2e_checkpoint(read_checkpoint(args.ckpt, args.unsafe_load)):
-        raise CheckpointError(f"{args.ckpt} is not a PT2E checkpoint: --format executorch exports the model_pt2e.pth "
+        raise CheckpointError(f"{args.ckpt} is not a PT2E checkpoint: fnl-export executorch exports the model_pt2e.pth "
                               "that fnl-quantize --engine pt2e writes")
     model, cfg, _ = load_pt2e_checkpoint(args.ckpt, args.unsafe_load)
     if args.input_size is not None:

@@ -4,7 +4,7 @@ float32-vs-int8 report.
 
 --engine eager (default): torch.ao eager mode on the --backend's kernels; writes model_int8.pth (+ model_int8_ptq.pth).
 --engine pt2e: torchao PT2E with ExecuTorch's XNNPACK quantizer over the same int8 regions, the same QAT loop and
-evaluator; writes model_pt2e.pth (+ model_pt2e_ptq.pth), the prepared state that `fnl-export --format executorch`
+evaluator; writes model_pt2e.pth (+ model_pt2e_ptq.pth), the prepared state that `fnl-export executorch`
 lowers to XNNPACK .pte programs. Needs the executorch extra (pip install 'fnl[executorch]')."""
 
 from __future__ import annotations
