@@ -178,20 +178,15 @@ def test_numerics_match_fused_layers_by_name_and_find_the_fragile_layer_worst(fr
 
 @pytest.mark.slow
 def test_a_mixed_model_exports_to_onnx_and_verifies_as_int8(fragile_setup, tmp_path):
-    from fnl.data import build_train_loader
     from fnl.export import to_onnx
     from fnl.export.pipeline import split_images
     from fnl.export.verify import INT8, verify_onnx
-    from fnl.qat import calibrate, convert, prepare
-    from fnl.qat.sensitivity import with_float_modules
 
     cfg, fragile = fragile_setup
-    mixed_cfg = with_float_modules(cfg, ["roi_heads.box_head"])
     torch.manual_seed(0)
-    prepared = prepare(fragile, mixed_cfg, "ptq")
-    calibrate(prepared, iter(build_train_loader(mixed_cfg)), mixed_cfg.QUANTIZATION.CALIBRATION_IMAGES)
-    int8_model = convert(prepared)
-    images = split_images(mixed_cfg, "train", INT8.min_images)
+    # The budget's own quantizer, with the island it chose.
+    int8_model = ptq_quantizer(fragile, cfg, "eager")(["roi_heads.box_head"])
+    images = split_images(cfg, "train", INT8.min_images)
     report = verify_onnx(int8_model, to_onnx(int8_model, tmp_path / "mixed.onnx", images[0]), images, INT8)
     assert report.passed, report.table()
 
