@@ -5,7 +5,8 @@ Parts are those of the model: ``backbone+neck``, ``rpn`` (head convs, proposal d
 (pooler, head, predictor), ``densepose head`` (pooler, head, predictor) and ``glue`` (normalization, padding,
 detection post-processing, and whatever a runtime does between parts). In an ONNX graph a node's part is the
 tag its name starts with: ``fnl.export.graph_compaction`` names every node by the module scope torch.onnx traced it
-in (``PART_TAGS``), and ONNX Runtime keeps that name as the prefix of the kernels it fuses.
+in (``PART_TAGS``), and ONNX Runtime keeps that name as the prefix of the kernels it fuses; the nodes its layout
+transformer creates are named after the value they write (``<value>_nchwc``), whose writer in the file has the tag.
 
 Figures are milliseconds per image (kernel time summed over images, divided by their number): medians are for
 latency; a profile says how the time of a typical image divides.
@@ -62,9 +63,21 @@ class Profile:
         return {**asdict(self), "total_ms": round(self.total_ms, 3)}
 
 
-def onnx_part(node_name: str) -> str:
-    """The model part of an ONNX Runtime node (its name's tag), ``glue`` for untagged nodes."""
-    return PART_TAGS.get(re.match(r"[a-z]*", node_name).group(), "glue")
+def onnx_part(node_name: str, value_parts: dict[str, str] | None = None) -> str:
+    """The model part of an ONNX Runtime node: its name's tag, else the part of the value it is named after
+    (``value_parts``: ``onnx_value_parts``), else ``glue`` (ONNX Runtime's own layout reorders among them)."""
+    tagged = re.match(r"([a-z]+)\.", node_name)
+    if tagged:
+        return PART_TAGS.get(tagged.group(1), "glue")
+    return (value_parts or {}).get(node_name.split("_", 1)[0], "glue")
+
+
+def onnx_value_parts(path: str | Path) -> dict[str, str]:
+    """The part of the node that writes each value of the ONNX file ``path``."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    return {output: onnx_part(node.name) for node in graph.node for output in node.output}
 
 
 def profile_onnx(path: str | Path, images: Sequence[np.ndarray], threads: int = 1, name: str | None = None
@@ -93,13 +106,14 @@ def profile_onnx(path: str | Path, images: Sequence[np.ndarray], threads: int = 
             detections += len(session.run(predictor.output_names[:1], feed)[0])
         wall = time.perf_counter() - start
         events = json.loads(Path(session.end_profiling()).read_text())
-    by_operator, by_part = _sum_onnx_events(events, skip_runs=1)
+    by_operator, by_part = _sum_onnx_events(events, onnx_value_parts(path), skip_runs=1)
     count = len(images)
     return Profile(name or Path(path).name, "onnxruntime", count, threads, 1000 * wall / count,
                    _per_image(by_operator, count), _per_image(by_part, count), detections / count)
 
 
-def _sum_onnx_events(events: list[dict], skip_runs: int) -> tuple[dict[str, float], dict[str, float]]:
+def _sum_onnx_events(events: list[dict], value_parts: dict[str, str], skip_runs: int
+                     ) -> tuple[dict[str, float], dict[str, float]]:
     """Kernel durations (us) by op type and part, from the node events after the first ``skip_runs`` model runs."""
     run_starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
     after = run_starts[skip_runs] if len(run_starts) > skip_runs else 0
@@ -110,7 +124,7 @@ def _sum_onnx_events(events: list[dict], skip_runs: int) -> tuple[dict[str, floa
             continue
         node = event["name"][: -len("_kernel_time")]
         by_operator[event["args"]["op_name"]] += event["dur"]
-        by_part[onnx_part(node)] += event["dur"]
+        by_part[onnx_part(node, value_parts)] += event["dur"]
     return by_operator, by_part
 
 

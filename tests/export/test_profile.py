@@ -35,6 +35,11 @@ def test_part_of_an_onnx_runtime_node(name, part):
     assert onnx_part(name) == part
 
 
+def test_a_node_onnx_runtime_created_takes_the_part_of_the_value_it_is_named_after():
+    assert onnx_part("82e_nchwc", {"82e": "rpn", "8": "box head"}) == "rpn"
+    assert onnx_part("ReorderInput", {"82e": "rpn"}) == "glue"
+
+
 def test_profiles_side_by_side_in_markdown():
     float32 = Profile("float32", "onnxruntime", 2, 1, 12.0, {"Conv": 8.0, "RoiAlign": 2.0},
                       {"backbone+neck": 7.0, "densepose head": 3.0}, rois=2.0)
