@@ -18,13 +18,14 @@ from tqdm import tqdm
 
 from fnl.config import CfgNode, ConfigError
 from fnl.data import build_train_loader
-from fnl.engine.checkpoint import (
-    checkpoints_kept,
-    load_state,
-    periodic_checkpoint_name,
-    prune_periodic_checkpoints,
-    read_checkpoint,
-    save_checkpoint,
+from fnl.engine.checkpoint import checkpoints_kept, load_state, periodic_checkpoint_name
+from fnl.engine.checkpointer import (
+    CONFIG_FILE,
+    FINAL_CHECKPOINT,
+    LAST_CHECKPOINT,
+    METRICS_FILE,
+    TRAIN_HISTORY_FILE,
+    Checkpointer,
 )
 from fnl.engine.inference import evaluate_model
 from fnl.modeling import build_model
@@ -33,7 +34,6 @@ from fnl.utils.io import remove_stale_temporaries, write_json_atomic, write_text
 from fnl.utils.logging import setup_logger
 
 logger = logging.getLogger("fnl")
-LAST_CHECKPOINT = "last_checkpoint"
 RANK_WEIGHTS = "rank_weights.json"  # distributed runs: each process's parameter digest
 
 
@@ -169,14 +169,6 @@ def check_ranks_agree(model: nn.Module, output_dir: Path, rank: int, world_size:
     return digests
 
 
-def resume_path(output_dir: Path, marker_name: str = LAST_CHECKPOINT) -> Path | None:
-    marker = output_dir / marker_name
-    if not marker.is_file():
-        return None
-    path = output_dir / marker.read_text().strip()
-    return path if path.is_file() else None
-
-
 def train(cfg: CfgNode, resume: bool = False, evaluate: bool = True) -> dict[str, Any]:
     """Train ``build_model(cfg)`` on cfg.DATASETS.TRAIN; returns {"model", "final_checkpoint", "metrics"}."""
     rank, world_size = setup_distributed(cfg)
@@ -186,15 +178,9 @@ def train(cfg: CfgNode, resume: bool = False, evaluate: bool = True) -> dict[str
 
     model = build_model(cfg)
     optimizer = build_optimizer(cfg, model)
-    start_iter = 0
-    checkpoint = resume_path(output_dir) if resume else None
-    if checkpoint is not None:
-        data = read_checkpoint(checkpoint)
-        load_state(model, checkpoint, strict=True, data=data)
-        if "optimizer" in data:
-            optimizer.load_state_dict(data["optimizer"])
-        start_iter = int(data.get("iteration", -1)) + 1
-    elif cfg.MODEL.WEIGHTS:
+    checkpointer = Checkpointer(output_dir, model, cfg, optimizer, keep)
+    checkpoint, start_iter = checkpointer.resume(load_float_state) if resume else (None, 0)
+    if checkpoint is None and cfg.MODEL.WEIGHTS:
         load_state(model, cfg.MODEL.WEIGHTS)
     scheduler = build_scheduler(cfg, optimizer, start_iter)
     batches = iter(build_train_loader(cfg, start_iter=start_iter))
@@ -205,7 +191,7 @@ def train(cfg: CfgNode, resume: bool = False, evaluate: bool = True) -> dict[str
     if rank == 0:
         for stale in remove_stale_temporaries(output_dir):
             logger.info("removed %s, left by an interrupted write", stale)
-        write_text_atomic(output_dir / "config.yaml", cfg.dump())
+        write_text_atomic(output_dir / CONFIG_FILE, cfg.dump())
     if checkpoint is not None:
         logger.info("resuming from %s at iteration %d", checkpoint, start_iter)
 
@@ -213,15 +199,12 @@ def train(cfg: CfgNode, resume: bool = False, evaluate: bool = True) -> dict[str
     if world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
 
-    def save(name: str, iteration: int) -> None:
-        _save(output_dir, name, model, cfg, iteration, optimizer)
-        prune_periodic_checkpoints(output_dir, keep)
-
     try:
         history = run_iterations(
             train_model, batches, optimizer, scheduler,
             range(start_iter, cfg.SOLVER.MAX_ITER), clip_gradients=cfg.SOLVER.CLIP_GRADIENTS,
-            checkpoint_period=cfg.SOLVER.CHECKPOINT_PERIOD, save=save if rank == 0 else None, description="train",
+            checkpoint_period=cfg.SOLVER.CHECKPOINT_PERIOD, save=checkpointer.save if rank == 0 else None,
+            description="train",
             log=rank == 0, resumed_from=(checkpoint.name, start_iter - 1) if checkpoint is not None else None,
         )
     except NonFiniteLossError as exc:
@@ -230,14 +213,14 @@ def train(cfg: CfgNode, resume: bool = False, evaluate: bool = True) -> dict[str
         raise rewind_to_last_good(exc, output_dir, LAST_CHECKPOINT) from None
     if world_size > 1:
         check_ranks_agree(model, output_dir, rank, world_size)
-    final = output_dir / "model_final.pth"
+    final = output_dir / FINAL_CHECKPOINT
     if rank == 0:
-        _save(output_dir, final.name, model, cfg, cfg.SOLVER.MAX_ITER - 1, optimizer)
-        write_json_atomic(output_dir / "train_history.json", history)
+        checkpointer.save(FINAL_CHECKPOINT, cfg.SOLVER.MAX_ITER - 1)
+        write_json_atomic(output_dir / TRAIN_HISTORY_FILE, history)
     metrics: dict[str, Any] = {}
     if evaluate and rank == 0:
         metrics = evaluate_model(model, cfg)
-        write_json_atomic(output_dir / "metrics.json", metrics)
+        write_json_atomic(output_dir / METRICS_FILE, metrics)
     return {"model": model, "final_checkpoint": final, "metrics": metrics, "history": history}
 
 
@@ -292,8 +275,6 @@ def run_iterations(model: nn.Module, batches: Iterator[list[dict]], optimizer: t
     return history
 
 
-def _save(output_dir: Path, name: str, model: nn.Module, cfg: CfgNode, iteration: int,
-          optimizer: torch.optim.Optimizer) -> None:
-    save_checkpoint(output_dir / name, model, cfg, iteration, optimizer=optimizer.state_dict())
-    write_text_atomic(output_dir / LAST_CHECKPOINT, name)
-    logger.info("saved %s (iteration %d)", output_dir / name, iteration)
+def load_float_state(model: nn.Module, path: Path, data: dict[str, Any]) -> None:
+    """A float training checkpoint into ``model``: every tensor, of the right shape (CheckpointError otherwise)."""
+    load_state(model, path, strict=True, data=data)
