@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--calibration-images", type=int, default=16,
                       help="training images calibrating ONNX Runtime's static PTQ (--from-quantize; default 16)")
     onnx.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    onnx.add_argument("--profile", action="store_true",
+                      help="where the time goes: ONNX Runtime's profiler on the --verify-images images, time by "
+                           "operator and by model part (with --from-quantize float32 beside int8), printed and "
+                           "written to OUTPUT/profile.md")
     add_config_arguments(onnx, required=False, config_help=STORED_CONFIG_HELP)
     caffe2 = add_format("caffe2", "Caffe2 NetDefs (QNNPACK int8 operators for an int8 checkpoint)", None)
     add_config_arguments(caffe2, required=False, config_help=STORED_CONFIG_HELP)
@@ -161,6 +165,8 @@ def _export(args: argparse.Namespace) -> int:
     to_onnx(model, path, sample, opset=args.opset, preprocessing=Preprocessing.from_config(cfg))
     print(f"wrote {path} ({model_precision(model)}, opset {args.opset}, {path.stat().st_size / 2**20:.1f} MB, "
           "onnx.checker passed)")
+    if args.profile:
+        _profile({model_precision(model): path}, _verification_images(cfg, args), args)
     if not args.verify:
         return 0
 
@@ -283,7 +289,31 @@ def _export_and_report(args: argparse.Namespace) -> int:
                                  calibration_images=args.calibration_images, opset=args.opset)
     print((output / "report.md").read_text())
     print(f"report: {output / 'report.json'}")
+    if args.profile:
+        from fnl.engine.checkpoint import config_from_checkpoint
+        from fnl.export.pipeline import FLOAT_ONNX, INT8_ONNX, split_images
+
+        # The test images the report measured on, at its test size.
+        cfg = config_from_checkpoint(str(Path(args.from_quantize) / "model_fp32.pth"), allow_unsafe=args.unsafe_load)
+        cfg.merge_from_list(["DATASETS.ROOT", ensure_dataset(args.data)]
+                            + (["INPUT.MIN_SIZE_TEST", str(args.input_size)] if args.input_size else []))
+        images = split_images(cfg, cfg.DATASETS.TEST[0], args.verify_images)
+        _profile({"float32": output / FLOAT_ONNX, "int8": output / INT8_ONNX}, images, args)
     return 0 if verification_passed(document) else 1
+
+
+def _profile(paths: dict[str, Path], images: list[torch.Tensor], args: argparse.Namespace) -> None:
+    """Profile each graph of ``paths`` (name -> file) on ``images``; print the tables, write OUTPUT/profile.md."""
+    from pathlib import Path
+
+    from fnl.export.profile import format_profiles_markdown, profile_onnx
+    from fnl.utils.io import write_text_atomic
+
+    profiles = [profile_onnx(path, [image.numpy() for image in images], args.threads, f"ONNX {name}")
+                for name, path in paths.items()]
+    text = format_profiles_markdown(profiles)
+    write_text_atomic(Path(args.output) / "profile.md", text)
+    print(text)
 
 
 def _load_model(cfg: CfgNode, ckpt: str, allow_unsafe: bool) -> GeneralizedRCNN:

@@ -39,6 +39,17 @@ def test_export_writes_a_checked_model_and_verifies_it(checkpoint, tmp_path, cap
     assert "onnx.checker passed" in out and "PASSED (float32 criteria" in out
 
 
+def test_export_profile_prints_and_writes_the_time_by_operator_and_part(checkpoint, tmp_path, capsys):
+    assert main(["onnx", "--ckpt", str(checkpoint), "--output", str(tmp_path), "--profile",
+                 "--verify-images", "1"]) == 0
+    out = capsys.readouterr().out
+    written = (tmp_path / "profile.md").read_text()
+    assert written in out and "| Conv |" in written
+    backbone = next(line for line in written.splitlines() if line.startswith("| backbone+neck |"))
+    assert float(backbone.split("|")[2]) > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_fp32.onnx", "profile.md"]
+
+
 def test_a_failed_verification_exits_1_with_the_diff_table(checkpoint, tiny_export, tmp_path, capsys, monkeypatch):
     # The checkpoint holds tiny_export's weights: its file stands for the export, which saves tracing again.
     monkeypatch.setattr(fnl.export.onnx, "to_onnx", lambda model, path, *args, **kwargs: shutil.copyfile(
