@@ -33,7 +33,7 @@ from torch.ao.quantization import (
 from tqdm import tqdm
 
 from fnl.config import CfgNode, ConfigError
-from fnl.engine.backends import EAGER_BACKENDS, BackendPolicy, check_weight_scales, eager_backend
+from fnl.engine.backends import BackendPolicy, check_weight_scales, eager_backend
 from fnl.hooks import (
     HookRecord,
     audit_hooks,
@@ -58,8 +58,6 @@ from fnl.utils.modules import eval_mode
 
 logger = logging.getLogger("fnl")
 
-# Engines whose quantized ConvTranspose2d is correct (fnl.engine.backends holds why).
-TRANSPOSED_CONV_OK = tuple(name for name, policy in EAGER_BACKENDS.items() if policy.transposed_conv)
 MODES = ("qat", "ptq")
 
 

@@ -100,7 +100,7 @@ def test_on_qnnpack_the_box_head_computes_what_the_caffe2_net_computes_bit_for_b
     # pinned to qnnpack, which runs QNNPACK's kernels, the ones Caffe2 mobile's Int8 operators called (on x86 the same
     # SSE2 code whatever AVX-512 / AMX the CPU has), and the reference executor computes what they compute: with
     # per-tensor weights and biases on the int32 grid, exactly, on the same pooled RoI features (the DensePose
-    # predictor stays float on qnnpack, see fnl.qat.quantize.TRANSPOSED_CONV_OK). Nothing end to end is exact.
+    # predictor stays float on qnnpack, see fnl.engine.backends). Nothing end to end is exact.
     if "qnnpack" not in torch.backends.quantized.supported_engines:
         pytest.skip("this PyTorch build has no qnnpack engine")
     previous = torch.backends.quantized.engine
