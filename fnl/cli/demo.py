@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from fnl.cli.common import ensure_dataset, run_cli
+from fnl.engine.checkpointer import FINAL_CHECKPOINT, FLOAT32_MODEL, INT8_MODEL
+from fnl.engine.report import REPORT_JSON, REPORT_MD
 
 DEFAULT_CKPT = "zoo:synth_b_512"
 # --train: a short float schedule that shows training in minutes, at the cost of a model that does little DensePose.
@@ -103,9 +105,9 @@ def run(args: argparse.Namespace) -> int:
         quantize_and_report(checkpoint, quantize_dir, None, overrides, threads=args.threads)
 
     cached_stage(quantize_dir, {"checkpoint": file_digest(checkpoint), "overrides": overrides},
-                 ["model_int8.pth", "report.json"], quantize_stage, args.force)
+                 [INT8_MODEL, REPORT_JSON], quantize_stage, args.force)
 
-    rows = json.loads((quantize_dir / "report.json").read_text())["rows"]
+    rows = json.loads((quantize_dir / REPORT_JSON).read_text())["rows"]
     if args.stop_after != "quantize":
         rows += export_rows(output, quantize_dir, data_root, args)
     if args.stop_after is None:
@@ -115,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     source = "a short float run" if args.train else args.ckpt
     write_report(output, [ReportRow(**r) for r in rows], test_size, args.threads,
                  f"fnl-demo: Mobile Parsing R-CNN (B) on the synthetic set, from {source}")
-    print((output / "report.md").read_text())
+    print((output / REPORT_MD).read_text())
     return 0
 
 
@@ -131,8 +133,8 @@ def train_briefly(output: Path, data_root: str, force: bool) -> Path:
 
         train(train_cfg, evaluate=False)
 
-    cached_stage(train_dir, {"config": train_cfg.dump()}, ["model_final.pth"], train_stage, force)
-    return train_dir / "model_final.pth"
+    cached_stage(train_dir, {"config": train_cfg.dump()}, [FINAL_CHECKPOINT], train_stage, force)
+    return train_dir / FINAL_CHECKPOINT
 
 
 def export_rows(output: Path, quantize_dir: Path, data_root: str, args: argparse.Namespace) -> list[dict]:
@@ -141,13 +143,13 @@ def export_rows(output: Path, quantize_dir: Path, data_root: str, args: argparse
     from fnl.export.pipeline import export_and_report
 
     export_dir = output / "export"
-    key = {"fp32": file_digest(quantize_dir / "model_fp32.pth"), "int8": file_digest(quantize_dir / "model_int8.pth")}
+    key = {"fp32": file_digest(quantize_dir / FLOAT32_MODEL), "int8": file_digest(quantize_dir / INT8_MODEL)}
 
     def export_stage() -> None:
         export_and_report(quantize_dir, export_dir, data_root, threads=args.threads)
 
-    cached_stage(export_dir, key, ["report.json"], export_stage, args.force)
-    return [r for r in json.loads((export_dir / "report.json").read_text())["rows"] if r["format"] != "pytorch"]
+    cached_stage(export_dir, key, [REPORT_JSON], export_stage, args.force)
+    return [r for r in json.loads((export_dir / REPORT_JSON).read_text())["rows"] if r["format"] != "pytorch"]
 
 
 def executorch_rows(output: Path, checkpoint: Path, data_root: str, args: argparse.Namespace) -> list[dict]:
@@ -167,15 +169,15 @@ def executorch_rows(output: Path, checkpoint: Path, data_root: str, args: argpar
                             ptq_baseline=False)
 
     cached_stage(quantize_dir, {"checkpoint": file_digest(checkpoint), "overrides": overrides},
-                 [PT2E_CHECKPOINT, "report.json"], quantize_stage, args.force)
+                 [PT2E_CHECKPOINT, REPORT_JSON], quantize_stage, args.force)
     export_dir = output / "export_executorch"
 
     def export_stage() -> None:
         export_executorch_and_report(quantize_dir, export_dir, data_root, threads=args.threads, force=True)
 
-    cached_stage(export_dir, {"pt2e": file_digest(quantize_dir / PT2E_CHECKPOINT)}, ["report.json"], export_stage,
+    cached_stage(export_dir, {"pt2e": file_digest(quantize_dir / PT2E_CHECKPOINT)}, [REPORT_JSON], export_stage,
                  args.force)
-    return [r for r in json.loads((export_dir / "report.json").read_text())["rows"] if r["precision"] == "int8"]
+    return [r for r in json.loads((export_dir / REPORT_JSON).read_text())["rows"] if r["precision"] == "int8"]
 
 
 if __name__ == "__main__":

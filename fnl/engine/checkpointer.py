@@ -28,6 +28,9 @@ FINAL_CHECKPOINT = "model_final.pth"
 CONFIG_FILE = "config.yaml"
 TRAIN_HISTORY_FILE = "train_history.json"
 METRICS_FILE = "metrics.json"
+FLOAT32_MODEL = "model_fp32.pth"  # fnl-quantize: the float model it quantized, as evaluated
+INT8_MODEL = "model_int8.pth"  # fnl-quantize: the int8 model (eager engine)
+INT8_PTQ_MODEL = "model_int8_ptq.pth"  # fnl-quantize: its PTQ baseline
 
 LoadModel = Callable[[nn.Module, Path, dict[str, Any]], None]
 

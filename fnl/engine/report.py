@@ -17,6 +17,7 @@ from fnl.utils.io import atomic_path, write_json_atomic, write_text_atomic
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+REPORT_JSON, REPORT_MD, REPORT_PNG = "report.json", "report.md", "report.png"  # in every reporting run directory
 FORMATS = ("pytorch", "onnx", "caffe2", "executorch")
 PRECISIONS = ("float32", "int8")
 
@@ -215,7 +216,7 @@ def write_report(output_dir: str | Path, rows: list[ReportRow], input_size: int,
     output_dir = Path(output_dir)
     document = {"machine": machine_info(), "versions": versions(), "input_size": int(input_size),
                 "threads": int(threads), "rows": [asdict(r) for r in rows], **(extra or {})}
-    write_json_atomic(output_dir / "report.json", document)
-    write_text_atomic(output_dir / "report.md", format_report_markdown(rows, input_size, threads, title, notes))
-    plot_report(rows, output_dir / "report.png", title)
+    write_json_atomic(output_dir / REPORT_JSON, document)
+    write_text_atomic(output_dir / REPORT_MD, format_report_markdown(rows, input_size, threads, title, notes))
+    plot_report(rows, output_dir / REPORT_PNG, title)
     return document

@@ -34,7 +34,7 @@ from torch.utils import _pytree as pytree
 
 from fnl.config import CfgNode, stored_config
 from fnl.engine.benchmark import measure
-from fnl.engine.report import ReportRow, file_megabytes, write_report
+from fnl.engine.report import REPORT_JSON, ReportRow, file_megabytes, write_report
 from fnl.export.onnx import ExportableRCNN
 from fnl.export.pipeline import quantize_outputs, split_images, torch_threads
 from fnl.export.runtime import GraphPredictor
@@ -331,7 +331,7 @@ def export_executorch_and_report(quantize_dir: str | Path, export_dir: str | Pat
     exports = {EXECUTORCH_DIR: pt2e_checkpoint}
     if (pt2e_checkpoint.parent / PT2E_PTQ_CHECKPOINT).is_file():
         exports[EXECUTORCH_PTQ_DIR] = pt2e_checkpoint.parent / PT2E_PTQ_CHECKPOINT
-    refuse_overwrite(export_dir / "report.json", force)
+    refuse_overwrite(export_dir / REPORT_JSON, force)
     verification: dict[str, VerificationReport] = {}
     written: dict[str, ExecuTorchExport] = {}
     with torch_threads(threads):

@@ -29,7 +29,8 @@ from fnl.config import CfgNode
 from fnl.data import build_test_loader
 from fnl.engine.benchmark import measure
 from fnl.engine.checkpoint import read_checkpoint
-from fnl.engine.report import ReportRow, file_megabytes, write_report
+from fnl.engine.checkpointer import FLOAT32_MODEL, INT8_MODEL
+from fnl.engine.report import REPORT_JSON, REPORT_MD, REPORT_PNG, ReportRow, file_megabytes, write_report
 from fnl.export.caffe2 import caffe2_report_row, to_caffe2
 from fnl.export.graph_compaction import compact_onnx_file
 from fnl.export.onnx import DEFAULT_OPSET, to_onnx
@@ -41,11 +42,10 @@ from fnl.utils.errors import InvalidArgumentError
 
 logger = logging.getLogger("fnl")
 
-FLOAT_CHECKPOINT, INT8_CHECKPOINT = "model_fp32.pth", "model_int8.pth"
+FLOAT_CHECKPOINT, INT8_CHECKPOINT = FLOAT32_MODEL, INT8_MODEL
 FLOAT_ONNX, INT8_ONNX, ORT_PTQ_ONNX = "model_fp32.onnx", "model_int8.onnx", "model_ort_ptq.onnx"
 CAFFE2_INT8_DIR = "caffe2_int8"
-OUTPUTS = (FLOAT_ONNX, INT8_ONNX, ORT_PTQ_ONNX, f"{CAFFE2_INT8_DIR}/model.pb", "report.json", "report.md",
-           "report.png")
+OUTPUTS = (FLOAT_ONNX, INT8_ONNX, ORT_PTQ_ONNX, f"{CAFFE2_INT8_DIR}/model.pb", REPORT_JSON, REPORT_MD, REPORT_PNG)
 ORT_PTQ_ROW = "ONNX int8 (ORT static PTQ)"
 
 

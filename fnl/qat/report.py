@@ -21,6 +21,7 @@ from fnl.engine.checkpoint import (
     read_checkpoint,
     resolve_config,
 )
+from fnl.engine.checkpointer import CONFIG_FILE, FLOAT32_MODEL, INT8_MODEL, INT8_PTQ_MODEL
 from fnl.engine.report import ReportRow, file_megabytes, write_report
 from fnl.engine.train import NonFiniteLossError, rewind_to_last_good
 from fnl.modeling import build_model
@@ -55,7 +56,7 @@ def int8_checkpoint_names(engine: str) -> tuple[str, str]:
     """The files fnl-quantize writes for the int8 model and its PTQ baseline."""
     if engine == "pt2e":
         return PT2E_CHECKPOINT, PT2E_PTQ_CHECKPOINT
-    return "model_int8.pth", "model_int8_ptq.pth"
+    return INT8_MODEL, INT8_PTQ_MODEL
 
 
 def check_float_checkpoint(path: str | Path, data: dict[str, Any]) -> None:
@@ -67,7 +68,7 @@ def check_float_checkpoint(path: str | Path, data: dict[str, Any]) -> None:
         kind = "a QAT (fake-quantized) training state"
     else:
         return
-    beside = Path(path).parent / "model_fp32.pth"
+    beside = Path(path).parent / FLOAT32_MODEL
     source = (f"(fnl-quantize left it beside this one: {beside})" if beside.is_file()
               else "(fnl-train's model_final.pth)")
     raise CheckpointError(f"checkpoint {path} is already {kind}: quantize its float checkpoint {source}")
@@ -104,7 +105,7 @@ def quantize_and_report(ckpt: str | Path, output: str | Path, config: str | None
         analysis = analyse(float_model, cfg, output, engine, max_ap_drop, sensitivity_groups)
         if analysis.float_modules is not None:
             cfg = with_float_modules(cfg, analysis.float_modules)
-            write_text_atomic(output / "config.yaml", cfg.dump())
+            write_text_atomic(output / CONFIG_FILE, cfg.dump())
 
     mode = cfg.QUANTIZATION.MODE
     int8_name, ptq_name = int8_checkpoint_names(engine)
@@ -117,7 +118,7 @@ def quantize_and_report(ckpt: str | Path, output: str | Path, config: str | None
         # fnl.qat.train saves every QUANTIZATION.CHECKPOINT_PERIOD iterations and keeps them all.
         prune_periodic_checkpoints(output, keep, prefix=QAT_PREFIX)
     rows = [measure("PyTorch float32", "pytorch", "float32", "float", float_model, cfg,
-                    model_file_megabytes(float_model, output / "model_fp32.pth", cfg))[0],
+                    model_file_megabytes(float_model, output / FLOAT32_MODEL, cfg))[0],
             int8_row(result, cfg, output / int8_name)]
     if mode == "qat" and ptq_baseline:
         rows.append(int8_row(quantize(float_model, cfg, "ptq", engine=engine), cfg, output / ptq_name))
