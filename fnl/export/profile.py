@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fnl.export.runtime import INPUT_NAME, OnnxPredictor
+from fnl.export.runtime import INPUT_NAME, OnnxPredictor, open_session
 
 PARTS = ("backbone+neck", "rpn", "box head", "densepose head", "glue")
 # Node-name tag (see graph_compaction.part_tag) -> part.
@@ -84,19 +84,11 @@ def profile_onnx(path: str | Path, images: Sequence[np.ndarray], threads: int = 
                  ) -> Profile:
     """Run ``images`` ((3, H, W) each, the graph's input size) once each through ``path`` in ONNX Runtime with its
     profiler on, after one unprofiled warm-up run, and sum kernel time by operator type and by part."""
-    import onnxruntime as ort
-
     if not images:
         raise ValueError("profile_onnx needs at least one image")
     predictor = OnnxPredictor(path, threads)  # checks the file and its interface
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     with tempfile.TemporaryDirectory(prefix="fnl_profile_") as directory:
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(directory) / "ort")
-        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        session = open_session(path, threads, profile_prefix=Path(directory) / "ort")
         inputs = [{INPUT_NAME: np.ascontiguousarray(image[None]).astype(predictor.input_dtype, copy=False)}
                   for image in images]
         session.run(predictor.output_names[:1], inputs[0])  # warm-up: profiled, dropped below by its run index

@@ -92,8 +92,10 @@ class Preprocessing:
         return np.ascontiguousarray(np.asarray(resized).transpose(2, 0, 1))
 
 
-def open_session(path: str | Path, threads: int = 2) -> ort.InferenceSession:
-    """A CPU session with ``threads`` intra-op threads (one inter-op thread: the graph is one sequential chain)."""
+def open_session(path: str | Path, threads: int = 2, profile_prefix: str | Path | None = None
+                 ) -> ort.InferenceSession:
+    """A CPU session with ``threads`` intra-op threads (one inter-op thread: the graph is one sequential chain);
+    with ``profile_prefix``, ONNX Runtime's profiler on, writing its trace there (``fnl.export.profile``)."""
     path = Path(path)
     if not path.is_file():
         raise OnnxModelError(f"ONNX model not found: {path}")
@@ -103,6 +105,9 @@ def open_session(path: str | Path, threads: int = 2) -> ort.InferenceSession:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except _ORT_LOAD_ERRORS as exc:
