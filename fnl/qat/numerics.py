@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from fnl.config import CfgNode
+from fnl.data import build_train_loader
 from fnl.engine.backends import eager_backend
 from fnl.hooks import find_fusion_groups
 from fnl.modeling.poolers import ROIPooler
@@ -287,7 +288,6 @@ def numerics_section(float_model: nn.Module, int8_model: nn.Module, cfg: CfgNode
     ``numerics.png`` in ``output_dir``."""
     from pathlib import Path
 
-    from fnl.data import build_train_loader
 
     images = min(NUMERICS_IMAGES, cfg.QUANTIZATION.CALIBRATION_IMAGES)
     rows = layer_numerics(float_model, int8_model, cfg, engine, islands, iter(build_train_loader(cfg)), images)

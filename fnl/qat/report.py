@@ -29,6 +29,7 @@ from fnl.qat.numerics import numerics_section
 from fnl.qat.patch import format_islands
 from fnl.qat.pipeline import QuantizationResult, quantize
 from fnl.qat.pt2e import PT2E_CHECKPOINT, PT2E_PTQ_CHECKPOINT, is_pt2e_checkpoint, save_pt2e_checkpoint
+from fnl.qat.sensitivity import analyse, with_float_modules
 from fnl.qat.serialization import is_int8_checkpoint, save_int8_checkpoint
 from fnl.qat.train import QAT_LAST_CHECKPOINT, QAT_PREFIX
 from fnl.utils.io import remove_stale_temporaries, write_text_atomic
@@ -100,8 +101,6 @@ def quantize_and_report(ckpt: str | Path, output: str | Path, config: str | None
 
     analysis, all_int8_cfg = None, cfg
     if sensitivity or max_ap_drop is not None:
-        from fnl.qat.sensitivity import analyse, with_float_modules
-
         analysis = analyse(float_model, cfg, output, engine, max_ap_drop, sensitivity_groups)
         if analysis.float_modules is not None:
             cfg = with_float_modules(cfg, analysis.float_modules)

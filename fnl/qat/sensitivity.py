@@ -34,8 +34,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from fnl.engine.inference import evaluate_predictor
 from fnl.hooks import audit_hooks
 from fnl.qat.patch import active_regions
+from fnl.qat.pipeline import quantize
 from fnl.utils.errors import InvalidArgumentError
 from fnl.utils.io import atomic_path, write_json_atomic
 from fnl.utils.modules import eval_mode
@@ -388,8 +390,6 @@ class SensitivityOutcome:
 def evaluator_scorer(cfg: Any) -> Scorer:
     """Box AP and DensePose AP on the validation split (``TEST.MAX_IMAGES`` of it), by the one evaluator every
     runtime is scored with. A missing AP (no detection at all) counts as 0 points."""
-    from fnl.engine.inference import evaluate_predictor
-
     def score(model: nn.Module) -> dict[str, float]:
         results, _ = evaluate_predictor(model, cfg, description="sensitivity")
         return {"bbox_AP": float(results["bbox"]["AP"] or 0.0),
@@ -401,8 +401,6 @@ def evaluator_scorer(cfg: Any) -> Scorer:
 def ptq_quantizer(float_model: nn.Module, cfg: Any, engine: str) -> Quantizer:
     """The int8 model of ``float_model`` by PTQ (calibration on ``QUANTIZATION.CALIBRATION_IMAGES``) with the given
     float modules added to the configured ones."""
-    from fnl.qat.pipeline import quantize
-
     def build(float_modules: list[str]) -> nn.Module:
         return quantize(float_model, with_float_modules(cfg, float_modules), "ptq", engine=engine).int8_model
 
