@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
     import torch
 
+    from fnl.export.verify import Criteria
     from fnl.modeling import GeneralizedRCNN
 
 
@@ -173,7 +174,7 @@ def _export(args: argparse.Namespace) -> int:
     from fnl.export.verify import FLOAT32, INT8, ap_rows, verify_onnx
 
     criteria = INT8 if model_precision(model) == "int8" else FLOAT32
-    report = verify_onnx(model, path, _verification_images(cfg, args), criteria, threads=args.threads)
+    report = verify_onnx(model, path, _verification_images(cfg, args, criteria), criteria, threads=args.threads)
     if args.data and criteria.ap_tolerance is not None:
         report.rows.extend(ap_rows(*_test_split_results(model, path, _data_config(cfg, args.data), args), criteria))
     print(report.table())
@@ -199,7 +200,11 @@ def _export_caffe2(model: GeneralizedRCNN, cfg: CfgNode, args: argparse.Namespac
           f"{written.size_mb:.1f} MB, {sum(written.operators.values())} operators)")
     if not args.verify:
         return 0
-    result = verify_caffe2(model, output, _verification_images(cfg, args))
+    from fnl.export.onnx import model_precision
+    from fnl.export.verify import FLOAT32, INT8
+
+    result = verify_caffe2(model, output, _verification_images(cfg, args, INT8 if model_precision(model) == "int8"
+                                                                         else FLOAT32))
     print(result.table())
     return 0 if result.passed else 1
 
@@ -242,7 +247,9 @@ def _export_executorch(args: argparse.Namespace) -> int:
     if args.input_size is not None:
         cfg = cfg.clone()
         cfg.INPUT.MIN_SIZE_TEST = args.input_size
-    images = _verification_images(cfg, args) if args.verify else []
+    from fnl.export.verify import INT8
+
+    images = _verification_images(cfg, args, INT8) if args.verify else []
     # The backbone program has a fixed size: the largest verification image, else the square test size.
     image_size = program_image_size(cfg)
     if images:
@@ -340,17 +347,26 @@ def _load_model(cfg: CfgNode, ckpt: str, allow_unsafe: bool) -> GeneralizedRCNN:
     return model.eval()
 
 
-def _verification_images(cfg: CfgNode, args: argparse.Namespace) -> list[torch.Tensor]:
+def _verification_images(cfg: CfgNode, args: argparse.Namespace, criteria: Criteria | None = None
+                         ) -> list[torch.Tensor]:
     """The first --verify-images test images of --data, resized as for evaluation; without --data, seeded random
-    images whose sizes vary around the test size (not all multiples of the padding)."""
+    images whose sizes vary around the test size (not all multiples of the padding). With ``criteria``, refuses
+    fewer images than those criteria judge on (``fnl.export.verify.require_images``)."""
     import torch
 
+    from fnl.export.verify import require_images
+
+    if criteria is not None:
+        require_images(criteria, args.verify_images)
     if args.data:
         from fnl.data import build_test_loader
 
         data_cfg = _data_config(cfg, args.data)
         data_cfg.TEST.MAX_IMAGES = args.verify_images
-        return [item["image"] for batch in build_test_loader(data_cfg, data_cfg.DATASETS.TEST[0]) for item in batch]
+        images = [item["image"] for batch in build_test_loader(data_cfg, data_cfg.DATASETS.TEST[0]) for item in batch]
+        if criteria is not None:
+            require_images(criteria, len(images))  # a test split smaller than --verify-images
+        return images
     size = cfg.INPUT.MIN_SIZE_TEST
     shapes = [(size, size), (size, size * 4 // 3), (size, size * 3 // 2 + 5), (size * 4 // 3 + 7, size)]
     generator = torch.Generator().manual_seed(1)

@@ -104,9 +104,25 @@ def quantize_dir(int8_export, tmp_path_factory):
     return directory
 
 
+def test_int8_verify_refuses_to_judge_on_fewer_images_than_it_needs(quantize_dir, tiny_dataset, tmp_path, capsys):
+    argv = ["--ckpt", str(quantize_dir / "model_int8.pth"), "--format", "onnx", "--output", str(tmp_path),
+            "--verify", "--input-size", "64", "--threads", "1"]
+    assert main([*argv, "--verify-images", "2"]) == 2
+    assert "int8 verification needs at least 8 images to judge, got 2" in capsys.readouterr().err
+    # Enough asked for, but the test split holds only 2 images.
+    assert main([*argv, "--force", "--data", str(tiny_dataset), "--verify-images", "8"]) == 2
+    assert "needs at least 8 images to judge, got 2" in capsys.readouterr().err
+
+
 def test_an_int8_checkpoint_exports_and_meets_the_int8_criteria_with_ap(quantize_dir, tiny_dataset, tmp_path,
-                                                                         capsys):
-    # --data: the tiny dataset's first val images at 64 px are those the detector was fitted on (decisive).
+                                                                         capsys, monkeypatch):
+    # --data: the tiny dataset's first val images at 64 px are those the detector was fitted on (decisive); there
+    # are two, fewer than the int8 criteria judge on, so the minimum is lowered for this test of the plumbing.
+    import dataclasses
+
+    import fnl.export.verify
+
+    monkeypatch.setattr(fnl.export.verify, "INT8", dataclasses.replace(fnl.export.verify.INT8, min_images=2))
     assert main(["--ckpt", str(quantize_dir / "model_int8.pth"), "--format", "onnx", "--output", str(tmp_path),
                  "--verify", "--data", str(tiny_dataset), "--input-size", "64", "--verify-images", "2",
                  "--threads", "1"]) == 0
