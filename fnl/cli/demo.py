@@ -25,7 +25,7 @@ DEMO_TRAIN = ["SOLVER.MAX_ITER", "300", "SOLVER.STEPS", "[240, 280]", "SOLVER.WA
               "SOLVER.CHECKPOINT_PERIOD", "100"]
 # A short QAT (40 iterations at the model's training sizes) to keep the demo near its 10-minute budget on 2 cores; the
 # README's figures come from 100 iterations (the commands above its results table).
-DEMO_QUANTIZE = ["QUANTIZATION.MAX_ITER", "40", "QUANTIZATION.FREEZE_BN_ITER", "24",
+DEMO_QUANTIZE = ["QUANTIZATION.MAX_ITER", "40", "QUANTIZATION.FREEZE_BN_ITER", "0",
                  "QUANTIZATION.FREEZE_OBSERVER_ITER", "32", "QUANTIZATION.CALIBRATION_IMAGES", "16"]
 DEMO_CONFIG = "synth_mobile_parsing_rcnn_b"
 # --stop-after: the stages in order; "data" ends once the dataset and the float checkpoint are ready.
