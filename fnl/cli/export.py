@@ -171,9 +171,9 @@ def _export(args: argparse.Namespace) -> int:
     if not args.verify:
         return 0
 
-    from fnl.export.verify import FLOAT32, INT8, ap_rows, verify_onnx
+    from fnl.export.verify import ap_rows, criteria_for, verify_onnx
 
-    criteria = INT8 if model_precision(model) == "int8" else FLOAT32
+    criteria = criteria_for(model)
     report = verify_onnx(model, path, _verification_images(cfg, args, criteria), criteria, threads=args.threads)
     if args.data and criteria.ap_tolerance is not None:
         report.rows.extend(ap_rows(*_test_split_results(model, path, _data_config(cfg, args.data), args), criteria))
@@ -200,11 +200,9 @@ def _export_caffe2(model: GeneralizedRCNN, cfg: CfgNode, args: argparse.Namespac
           f"{written.size_mb:.1f} MB, {sum(written.operators.values())} operators)")
     if not args.verify:
         return 0
-    from fnl.export.onnx import model_precision
-    from fnl.export.verify import FLOAT32, INT8
+    from fnl.export.verify import criteria_for
 
-    result = verify_caffe2(model, output, _verification_images(cfg, args, INT8 if model_precision(model) == "int8"
-                                                                         else FLOAT32))
+    result = verify_caffe2(model, output, _verification_images(cfg, args, criteria_for(model)))
     print(result.table())
     return 0 if result.passed else 1
 

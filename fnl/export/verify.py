@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fnl.export.onnx import ExportableRCNN
+from fnl.export.onnx import ExportableRCNN, model_precision
 from fnl.export.runtime import DENSEPOSE_OUTPUTS, GraphPredictor, OnnxPredictor
 from fnl.modeling import GeneralizedRCNN
 from fnl.utils.errors import UserError
@@ -82,6 +82,11 @@ class Criteria:
 FLOAT32 = Criteria("float32", box_atol=1e-3, score_atol=1e-3, head_atol=1e-3, min_matched=1.0)
 INT8 = Criteria("int8", min_iou=0.9, min_matched=0.95, ap_tolerance=0.5, noise_floor_margin=0.1,
                 decisive_score=0.7, decisive_min_iou=0.5, decisive_min_matched=0.9, min_images=8)
+
+
+def criteria_for(model: torch.nn.Module) -> Criteria:
+    """The criteria an export of ``model`` is judged by: ``INT8`` for an int8 model, else ``FLOAT32``."""
+    return INT8 if model_precision(model) == "int8" else FLOAT32
 
 
 class VerificationInputError(UserError, ValueError):
