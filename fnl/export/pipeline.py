@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +37,7 @@ from fnl.export.runtime import OnnxPredictor, Preprocessing
 from fnl.export.verify import FLOAT32, INT8, VerificationReport, ap_rows, verify_onnx
 from fnl.qat.serialization import load_model_for_inference
 from fnl.utils.errors import InvalidArgumentError
+from fnl.utils.modules import torch_threads
 
 logger = logging.getLogger("fnl")
 
@@ -152,18 +151,6 @@ def split_images(cfg: CfgNode, split: str, count: int) -> list[torch.Tensor]:
     limited = cfg.clone()  # an unfrozen copy
     limited.TEST.MAX_IMAGES = count
     return [item["image"] for batch in build_test_loader(limited, split) for item in batch]
-
-
-@contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    if threads < 1:
-        raise InvalidArgumentError(f"threads must be at least 1, got {threads}")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from fnl.export.runtime import INPUT_NAME, OnnxPredictor, open_session
+from fnl.utils.modules import torch_threads
 
 PARTS = ("backbone+neck", "rpn", "box head", "densepose head", "glue")
 # Node-name tag (see graph_compaction.part_tag) -> part.
@@ -133,21 +134,16 @@ def profile_torch(model, images: Sequence, threads: int = 1, name: str = "pytorc
 
     if not images:
         raise ValueError("profile_torch needs at least one image")
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
     part_seconds: dict[str, float] = defaultdict(float)
-    try:
-        with torch.no_grad(), _part_timers(model, part_seconds):
-            model([{"image": images[0]}])
-            part_seconds.clear()
-            detections = 0
-            start = time.perf_counter()
-            with profile(activities=[ProfilerActivity.CPU]) as profiler:
-                for image in images:
-                    detections += len(model([{"image": image}])[0]["boxes"])
-            wall = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(previous_threads)
+    with torch_threads(threads), torch.no_grad(), _part_timers(model, part_seconds):
+        model([{"image": images[0]}])
+        part_seconds.clear()
+        detections = 0
+        start = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            for image in images:
+                detections += len(model([{"image": image}])[0]["boxes"])
+        wall = time.perf_counter() - start
     by_operator = {event.key: event.self_cpu_time_total for event in profiler.key_averages()}
     by_operator = {key: value for key, value in by_operator.items() if value > 0}
     by_part = {part: seconds * 1e6 for part, seconds in part_seconds.items()}

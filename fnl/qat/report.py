@@ -9,8 +9,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fnl.config import CfgNode
 from fnl.engine.benchmark import measure, model_file_megabytes
 from fnl.engine.checkpoint import (
@@ -34,6 +32,7 @@ from fnl.qat.serialization import is_int8_checkpoint, save_int8_checkpoint
 from fnl.qat.train import QAT_LAST_CHECKPOINT, QAT_PREFIX
 from fnl.utils.io import remove_stale_temporaries, write_text_atomic
 from fnl.utils.logging import setup_logger
+from fnl.utils.modules import torch_threads
 
 logger = logging.getLogger("fnl")
 
@@ -97,8 +96,6 @@ def quantize_and_report(ckpt: str | Path, output: str | Path, config: str | None
     setup_logger(output)
     for stale in remove_stale_temporaries(output):
         logger.info("removed %s, left by an interrupted write", stale)
-    torch.set_num_threads(threads)
-
     analysis, all_int8_cfg = None, cfg
     if sensitivity or max_ap_drop is not None:
         analysis = analyse(float_model, cfg, output, engine, max_ap_drop, sensitivity_groups)
@@ -116,17 +113,18 @@ def quantize_and_report(ckpt: str | Path, output: str | Path, config: str | None
     finally:
         # fnl.qat.train saves every QUANTIZATION.CHECKPOINT_PERIOD iterations and keeps them all.
         prune_periodic_checkpoints(output, keep, prefix=QAT_PREFIX)
-    rows = [measure("PyTorch float32", "pytorch", "float32", "float", float_model, cfg,
-                    model_file_megabytes(float_model, output / FLOAT32_MODEL, cfg))[0],
-            int8_row(result, cfg, output / int8_name)]
-    if mode == "qat" and ptq_baseline:
-        rows.append(int8_row(quantize(float_model, cfg, "ptq", engine=engine), cfg, output / ptq_name))
+    with torch_threads(threads):  # the report's latencies; training and analysis keep the process's threads
+        rows = [measure("PyTorch float32", "pytorch", "float32", "float", float_model, cfg,
+                        model_file_megabytes(float_model, output / FLOAT32_MODEL, cfg))[0],
+                int8_row(result, cfg, output / int8_name)]
+        if mode == "qat" and ptq_baseline:
+            rows.append(int8_row(quantize(float_model, cfg, "ptq", engine=engine), cfg, output / ptq_name))
 
-    if analysis is not None and analysis.float_modules is not None:
-        # What the float islands cost: the same PTQ without them.
-        all_int8 = int8_row(quantize(float_model, all_int8_cfg, "ptq", engine=engine), all_int8_cfg,
-                            output / f"all_int8_{ptq_name}")
-        rows.append(dataclasses.replace(all_int8, name=f"{all_int8.name}, no budget islands"))
+        if analysis is not None and analysis.float_modules is not None:
+            # What the float islands cost: the same PTQ without them.
+            all_int8 = int8_row(quantize(float_model, all_int8_cfg, "ptq", engine=engine), all_int8_cfg,
+                                output / f"all_int8_{ptq_name}")
+            rows.append(dataclasses.replace(all_int8, name=f"{all_int8.name}, no budget islands"))
 
     hooks = {stage: len(records) for stage, records in result.stages.hook_audits.items()}
     q = cfg.QUANTIZATION

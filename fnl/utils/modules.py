@@ -11,6 +11,25 @@ if TYPE_CHECKING:  # fnl.utils imports no torch at run time: the ONNX and Caffe2
 
 
 @contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``threads`` inside, the previous count restored after: only what is timed
+    runs with the threads a report states, while the rest of a run keeps the process's (``OMP_NUM_THREADS``), so a job
+    pinned to one thread on a busy machine is not made to spin-wait on two."""
+    import torch
+
+    from fnl.utils.errors import InvalidArgumentError
+
+    if threads < 1:
+        raise InvalidArgumentError(f"threads must be at least 1, got {threads}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
     """Eval mode inside, every submodule's own train/eval flag restored after (a fresh wrapper module is in train
     mode, so restoring only the top-level flag would switch the wrapped model to training)."""
