@@ -35,6 +35,8 @@ _C.MODEL.NECK.OUT_CHANNELS = 256
 _C.MODEL.NECK.NORM = ""  # FPN: "" | "BN" | "SyncBN"; BiFPN always uses BN after its separable convs
 _C.MODEL.NECK.NUM_REPEATS = 3  # BiFPN layers
 _C.MODEL.NECK.FUSE_EPS = 1e-4  # fast normalized fusion epsilon
+# "fnl" | "densepose-fnl": the BiFPN of DensePoseFnL's released model B, for its checkpoints (fnl.modeling.necks)
+_C.MODEL.NECK.BIFPN_LAYOUT = "fnl"
 
 _C.MODEL.ANCHOR_GENERATOR = CfgNode()
 _C.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]

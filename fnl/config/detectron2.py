@@ -11,6 +11,7 @@ counterpart for is an error naming it: ignoring it could build another network t
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,19 +94,30 @@ def is_detectron2_config(path: str | Path) -> bool:
     return any(k in model for k in ("FPN", "PROPOSAL_GENERATOR")) or "NAME" in model.get("ROI_HEADS", {})
 
 
-def load_detectron2_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Detectron2Config:
-    """Read a detectron2 DensePose config (with its ``_BASE_`` chain) as an fnl config; ``overrides`` are fnl keys."""
+# A dialect's translation of its own keys: given the config file, its flattened keys and the base config, it pops
+# the keys it handles from the flat dict and returns the fnl updates they make (applied last) and those it ignored.
+Translate = Callable[[Path, dict[str, Any], CfgNode], tuple[dict[str, Any], dict[str, str]]]
+
+
+def load_detectron2_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                           supported: dict[str, tuple[Any, ...]] | None = None,
+                           translate: Translate | None = None) -> Detectron2Config:
+    """Read a detectron2 DensePose config (with its ``_BASE_`` chain) as an fnl config; ``overrides`` are fnl keys.
+
+    A project built on detectron2 (``fnl.config.densepose_fnl``) passes the architecture values it adds to
+    ``supported`` and translates its own keys with ``translate``; everything else is read as detectron2's."""
     path = find_config_file(path)
     flat = dict(_flatten(_load_yaml_with_base(path)))
+    supported = SUPPORTED_VALUES if supported is None else supported
     cfg = load_config(BASE_CONFIG, freeze=False)
-    ignored: dict[str, str] = {}
+    dialect_updates, ignored = translate(path, flat, cfg) if translate else ({}, {})
     updates: dict[str, Any] = {}
     for key, raw in flat.items():
         value = _parse_tuple_string(raw)
-        if key in SUPPORTED_VALUES:
-            if value not in SUPPORTED_VALUES[key]:
+        if key in supported:
+            if value not in supported[key]:
                 raise ConfigError(f"config {path}: {key} {value!r} is not an architecture fnl builds "
-                                  f"(supported: {', '.join(map(repr, SUPPORTED_VALUES[key]))})")
+                                  f"(supported: {', '.join(map(repr, supported[key]))})")
             if key != "MODEL.BACKBONE.NAME":
                 continue
         reason = _reason(key, IGNORED)
@@ -131,9 +143,14 @@ def load_detectron2_config(path: str | Path, overrides: list[str] | tuple[str, .
     if fpn_in is not None and list(_parse_tuple_string(fpn_in)) != list(out_features):
         raise ConfigError(f"config {path}: MODEL.FPN.IN_FEATURES {fpn_in} must equal MODEL.RESNETS.OUT_FEATURES "
                           f"{out_features}: fnl's FPN takes every bottom-up stage")
-    cfg.merge_from_dict(_nest(updates), source=str(path))
+    cfg.merge_from_dict(_nest({**updates, **dialect_updates}), source=str(path))
     cfg.merge_from_list(overrides)
     return Detectron2Config(cfg.freeze(), input_format, ignored)
+
+
+def flat_value(flat: dict[str, Any], key: str, default: Any = None) -> Any:
+    """A flattened config value with detectron2's tuple strings parsed."""
+    return _parse_tuple_string(flat.get(key, default))
 
 
 def _flatten(data: dict, prefix: str = "") -> list[tuple[str, Any]]:

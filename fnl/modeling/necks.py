@@ -106,11 +106,28 @@ class WeightedFusion(nn.Module):
         return out
 
 
-class BiFPNLayer(nn.Module):
-    """One bidirectional layer over levels L_0 (finest) .. L_n (coarsest): top-down, then bottom-up."""
+# MODEL.NECK.BIFPN_LAYOUT: "fnl" (P6 is a BiFPN level, nearest down-sampling, BN laterals, NUM_REPEATS layers) or
+# "densepose-fnl", the BiFPN of DensePoseFnL's released model B (its fpn.py): P2..P5 only, 1x1 laterals with bias and
+# no norm, each bottom-up node fed by a stride-2 separable conv + BN + ReLU, P6 max-pooled from the output P5.
+BIFPN_LAYOUTS = ("fnl", "densepose-fnl")
 
-    def __init__(self, num_levels: int, channels: int, eps: float) -> None:
+
+def strided_separable_conv(channels: int) -> nn.Sequential:
+    """DensePoseFnL's bottom-up down-sampling node: depthwise 3x3 stride 2, then pointwise 1x1 + BN + ReLU."""
+    return nn.Sequential(nn.Conv2d(channels, channels, 3, stride=2, padding=1, groups=channels, bias=False),
+                         ConvNormAct(channels, channels, kernel_size=1, norm="BN"))
+
+
+class BiFPNLayer(nn.Module):
+    """One bidirectional layer over levels L_0 (finest) .. L_n (coarsest): top-down, then bottom-up.
+
+    Each bottom-up node takes the finer output nearest-down-sampled or (``downsample="conv"``) through its own
+    ``strided_separable_conv``."""
+
+    def __init__(self, num_levels: int, channels: int, eps: float, downsample: str = "nearest") -> None:
         super().__init__()
+        if downsample not in ("nearest", "conv"):
+            raise ConfigError(f"BiFPN down-sampling must be 'nearest' or 'conv', got '{downsample}'")
         self.num_levels = num_levels
         # top-down nodes for levels n-1 .. 0, bottom-up nodes for levels 1 .. n
         self.td_fusions = nn.ModuleList(WeightedFusion(2, eps) for _ in range(num_levels - 1))
@@ -119,6 +136,9 @@ class BiFPNLayer(nn.Module):
             WeightedFusion(3 if i < num_levels - 1 else 2, eps) for i in range(1, num_levels)
         )
         self.bu_convs = nn.ModuleList(SeparableConvNormAct(channels) for _ in range(num_levels - 1))
+        self.downsamples = nn.ModuleList(
+            strided_separable_conv(channels) for _ in range(num_levels - 1 if downsample == "conv" else 0)
+        )
 
     def forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         n = self.num_levels
@@ -128,7 +148,8 @@ class BiFPNLayer(nn.Module):
             top_down.insert(0, self.td_convs[k](fused))
         outputs = [top_down[0]]
         for k, level in enumerate(range(1, n)):
-            parts = [inputs[level], resize_nearest(outputs[-1], inputs[level])]
+            finer = self.downsamples[k](outputs[-1]) if self.downsamples else resize_nearest(outputs[-1], inputs[level])
+            parts = [inputs[level], finer]
             if level < n - 1:
                 parts.insert(1, top_down[level])
             outputs.append(self.bu_convs[k](self.bu_fusions[k](parts)))
@@ -136,26 +157,34 @@ class BiFPNLayer(nn.Module):
 
 
 class BiFPN(Neck):
-    """BiFPN as Mobile Parsing R-CNN B uses it: 1x1 conv+BN laterals on C2..C5, P6 by stride-2 max-pool,
-    ``num_repeats`` bidirectional layers, nearest up/down-sampling."""
+    """BiFPN as Mobile Parsing R-CNN B uses it. Layout "fnl": 1x1 conv+BN laterals on C2..C5, P6 by stride-2
+    max-pool, ``num_repeats`` bidirectional layers over P2..P6, nearest up/down-sampling. Layout "densepose-fnl"
+    (see ``BIFPN_LAYOUTS``): the layers run over P2..P5 and P6 is pooled from their output."""
 
     def __init__(self, bottom_up: nn.Module, out_channels: int, num_repeats: int = 3, eps: float = 1e-4,
-                 norm: str = "BN") -> None:
+                 norm: str = "BN", layout: str = "fnl") -> None:
         super().__init__(bottom_up, out_channels)
+        if layout not in BIFPN_LAYOUTS:
+            raise ConfigError(f"MODEL.NECK.BIFPN_LAYOUT must be one of {', '.join(BIFPN_LAYOUTS)}, got '{layout}'")
         in_channels = bottom_up.feature_info.channels()
-        norm = norm or "BN"
+        self.p6_in_layers = layout == "fnl"
+        lateral_norm = (norm or "BN") if self.p6_in_layers else ""
         self.laterals = nn.ModuleList(
-            ConvNormAct(c, out_channels, 1, norm=norm, activation=False) for c in in_channels
+            ConvNormAct(c, out_channels, 1, norm=lateral_norm, activation=False) for c in in_channels
         )
-        num_levels = len(in_channels) + 1
-        self.layers = nn.ModuleList(BiFPNLayer(num_levels, out_channels, eps) for _ in range(num_repeats))
+        num_levels = len(in_channels) + self.p6_in_layers
+        downsample = "nearest" if self.p6_in_layers else "conv"
+        self.layers = nn.ModuleList(BiFPNLayer(num_levels, out_channels, eps, downsample) for _ in range(num_repeats))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.bottom_up_features(x)
         levels = [lateral(f) for lateral, f in zip(self.laterals, features, strict=True)]
-        levels.append(self.top_block(levels[-1]))
+        if self.p6_in_layers:
+            levels.append(self.top_block(levels[-1]))
         for layer in self.layers:
             levels = layer(levels)
+        if not self.p6_in_layers:
+            levels.append(self.top_block(levels[-1]))
         return dict(zip(self.out_features, levels, strict=True))
 
 
@@ -166,5 +195,5 @@ def build_backbone(cfg: CfgNode) -> nn.Module:
     if neck.NAME == "FPN":
         return FPN(bottom_up, neck.OUT_CHANNELS, neck.NORM)
     if neck.NAME == "BiFPN":
-        return BiFPN(bottom_up, neck.OUT_CHANNELS, neck.NUM_REPEATS, neck.FUSE_EPS, neck.NORM)
+        return BiFPN(bottom_up, neck.OUT_CHANNELS, neck.NUM_REPEATS, neck.FUSE_EPS, neck.NORM, neck.BIFPN_LAYOUT)
     raise ConfigError(f"MODEL.NECK.NAME must be 'FPN' or 'BiFPN', got '{neck.NAME}'")
