@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from timm.layers import freeze_batch_norm_2d
 from torch import nn
-from torch.nn import functional as F
+from torch.ao.nn.quantized import FloatFunctional
 
 from fnl.config import CfgNode, ConfigError
 from fnl.modeling.layers import norm_layer
@@ -26,17 +26,52 @@ BLOCKS_PER_STAGE = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
 
 
-class Conv2dWithNorm(nn.Conv2d):
-    """A convolution owning its norm as the child ``norm``, so the keys read ``conv1.weight``, ``conv1.norm.*``
-    as detectron2's ``layers.Conv2d`` writes them. No activation: the blocks apply ReLU where detectron2 does."""
+class Conv2dWithNorm(nn.Sequential):
+    """detectron2's ``layers.Conv2d`` with its norm (and ReLU) inside, as conv -> norm [-> ReLU] siblings: the
+    pattern fusion for int8 folds (a conv owning its norm as a child is not one). Its state_dict keeps detectron2's
+    keys all the same, ``conv1.weight`` and ``conv1.norm.*`` rather than ``conv1.0.weight`` and ``conv1.1.*``: the
+    hooks below rename them both ways, so a model-zoo checkpoint loads key for key (and so do fused, QAT and int8
+    versions of the module, whose members keep their places 0 and 1)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
-                 dilation: int = 1, groups: int = 1, norm: str = "FrozenBN") -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=False)
-        self.norm = norm_layer(norm, out_channels)
+                 dilation: int = 1, groups: int = 1, norm: str = "FrozenBN", relu: bool = False) -> None:
+        layers = [nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=False),
+                  norm_layer(norm, out_channels)]
+        super().__init__(*layers, *([nn.ReLU()] if relu else []))
+        self.register_state_dict_post_hook(_to_detectron2_keys)
+        self.register_load_state_dict_pre_hook(_from_detectron2_keys)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(super().forward(x))
+    @property
+    def norm(self) -> nn.Module:
+        return self[1]
+
+    @property
+    def stride(self) -> tuple[int, ...]:
+        return self[0].stride
+
+    @property
+    def out_channels(self) -> int:
+        return self[0].out_channels
+
+
+# Member places in Conv2dWithNorm -> detectron2's names under the conv: the conv's own tensors sit at its top level.
+_DETECTRON2_MEMBER_NAMES = (("0.", ""), ("1.", "norm."))
+
+
+def _to_detectron2_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        for member, name in _DETECTRON2_MEMBER_NAMES:
+            if rest.startswith(member):
+                state_dict[prefix + name + rest[len(member):]] = state_dict.pop(key)
+                break
+
+
+def _from_detectron2_keys(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        member = "1." if rest.startswith("norm.") else "0."
+        state_dict[prefix + member + rest.removeprefix("norm.")] = state_dict.pop(key)
 
 
 class BasicStem(nn.Module):
@@ -44,11 +79,12 @@ class BasicStem(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, norm: str) -> None:
         super().__init__()
-        self.conv1 = Conv2dWithNorm(in_channels, out_channels, 7, stride=2, padding=3, norm=norm)
+        self.conv1 = Conv2dWithNorm(in_channels, out_channels, 7, stride=2, padding=3, norm=norm, relu=True)
+        self.max_pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.out_channels = out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.max_pool2d(F.relu(self.conv1(x)), kernel_size=3, stride=2, padding=1)
+        return self.max_pool(self.conv1(x))
 
 
 class BottleneckBlock(nn.Module):
@@ -65,18 +101,17 @@ class BottleneckBlock(nn.Module):
         self.shortcut = (Conv2dWithNorm(in_channels, out_channels, 1, stride=stride, norm=norm)
                          if in_channels != out_channels else None)
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.conv1 = Conv2dWithNorm(in_channels, bottleneck_channels, 1, stride=stride_1x1, norm=norm)
+        self.conv1 = Conv2dWithNorm(in_channels, bottleneck_channels, 1, stride=stride_1x1, norm=norm, relu=True)
         self.conv2 = Conv2dWithNorm(bottleneck_channels, bottleneck_channels, 3, stride=stride_3x3, padding=dilation,
-                                    dilation=dilation, groups=num_groups, norm=norm)
+                                    dilation=dilation, groups=num_groups, norm=norm, relu=True)
         self.conv3 = Conv2dWithNorm(bottleneck_channels, out_channels, 1, norm=norm)
+        self.residual = FloatFunctional()  # add + ReLU: an observed int8 add_relu once quantized
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.conv1(x))
-        out = F.relu(self.conv2(out))
-        out = self.conv3(out)
+        out = self.conv3(self.conv2(self.conv1(x)))
         shortcut = x if self.shortcut is None else self.shortcut(x)
-        return F.relu(out + shortcut)
+        return self.residual.add_relu(out, shortcut)
 
 
 @dataclass(frozen=True)
