@@ -6,6 +6,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from fnl.utils.errors import InvalidArgumentError
+
 if TYPE_CHECKING:  # fnl.utils imports no torch at run time: the ONNX and Caffe2 runtimes run without it
     from torch import nn
 
@@ -15,9 +17,7 @@ def torch_threads(threads: int) -> Iterator[None]:
     """torch's intra-op thread count set to ``threads`` inside, the previous count restored after: only what is timed
     runs with the threads a report states, while the rest of a run keeps the process's (``OMP_NUM_THREADS``), so a job
     pinned to one thread on a busy machine is not made to spin-wait on two."""
-    import torch
-
-    from fnl.utils.errors import InvalidArgumentError
+    import torch  # here, not at module level: fnl.utils imports no torch at run time
 
     if threads < 1:
         raise InvalidArgumentError(f"threads must be at least 1, got {threads}")
