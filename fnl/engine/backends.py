@@ -26,7 +26,8 @@ class BackendPolicy:
 
     name: str
     engine: str  # the quantization engine targeting it: "eager" (torch.ao) or "pt2e" (torchao)
-    # Its quantized ConvTranspose2d computes the right values; else the DensePose predictor stays float.
+    # Its quantized ConvTranspose2d computes the right values; else the DensePose predictor stays float where it
+    # still has transposed convs: int8 checkpoints written before fnl.qat.patch rewrote them as int8 sub-pixel convs.
     transposed_conv: bool
     # It can create a 1x1 max-pool operator (the necks' stride-2 P6 subsampling); else that pool stays float.
     pools_1x1: bool

@@ -34,7 +34,7 @@ from typing import Any
 import onnx
 import torch
 from torch import nn
-from torch.onnx import symbolic_helper
+from torch.onnx import symbolic_helper, symbolic_opset10, symbolic_opset11
 
 import fnl
 from fnl.export.graph_compaction import compact_graph
@@ -223,7 +223,13 @@ def _quantized_mul_scalar(g: Any, quantized: Any, factor: float) -> Any:
     return symbolic_helper.quantize_helper(g, product, scale, zero_point)
 
 
-_QUANTIZED_SYMBOLICS = {"quantized::mul_scalar": _quantized_mul_scalar}
+# torch.onnx's symbolics of pixel_shuffle (DepthToSpace, opset 11+) and slicing (Slice, opset 10+) with int8 inputs
+# too: the DensePose predictor's sub-pixel convs (fnl.modeling.layers.SubPixelConvTranspose2d) shuffle and crop their
+# int8 outputs. A data-movement op keeps its input's scale and zero point (DequantizeLinear -> op -> QuantizeLinear,
+# which ONNX Runtime runs on the integers); float inputs get the stock symbolic unchanged.
+_QUANTIZED_SYMBOLICS = {"quantized::mul_scalar": _quantized_mul_scalar,
+                        "aten::pixel_shuffle": symbolic_helper.quantized_args(True)(symbolic_opset11.pixel_shuffle),
+                        "aten::slice": symbolic_helper.quantized_args(True)(symbolic_opset10.slice)}
 
 
 @contextmanager

@@ -6,7 +6,10 @@ network runs on int8 tensors except the float islands:
 - the image is quantized after normalization (``backbone`` is wrapped by :class:`QuantizeInputs`);
 - RPN objectness logits and anchor deltas are dequantized before proposals are decoded (``rpn_head``);
 - RoI pooling dequantizes its input features, pools in float and quantizes the result (``*_pooler``);
-- the box and DensePose predictors' outputs are dequantized (``box_predictor``, ``densepose_predictor``);
+- the box and DensePose predictors' outputs are dequantized (``box_predictor``, ``densepose_predictor``); the
+  DensePose predictor's 4x4 stride-2 transposed convs become exactly equal ordinary convs
+  (:class:`fnl.modeling.layers.SubPixelConvTranspose2d`, ``subpixel_transposed_convs``), which every int8 runtime
+  runs in int8;
 - ops without an int8 kernel run dequant -> float -> quant: the non-local block, SiLU / GELU activations, and any
   module named in ``QUANTIZATION.FLOAT_MODULES``.
 Residual adds of timm's blocks and squeeze-excitation multiplies become observed int8 ops (FloatFunctional) in
@@ -29,6 +32,7 @@ from torch.ao.quantization import DeQuantStub, QuantStub
 
 from fnl.config import ConfigError
 from fnl.modeling.densepose import NonLocalBlock
+from fnl.modeling.layers import SubPixelConvTranspose2d
 
 
 def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], obj: Any) -> Any:
@@ -204,22 +208,40 @@ def active_regions(model: nn.Module) -> list[QuantizedRegion]:
     return [region for region in QUANTIZED_REGIONS if present(region)]
 
 
+def subpixel_transposed_convs(model: nn.Module, names: list[str] | tuple[str, ...]) -> list[str]:
+    """Replace every 4x4 stride-2 padding-1 ``nn.ConvTranspose2d`` inside the modules ``names`` of ``model`` by the
+    :class:`SubPixelConvTranspose2d` that computes the same (exactly, in float); returns the replaced modules'
+    names. Transposed convs of another geometry stay as they are."""
+    replaced = []
+    for owner in names:
+        for name, module in list(model.get_submodule(owner).named_modules()):
+            if isinstance(module, nn.ConvTranspose2d) and SubPixelConvTranspose2d.computes(module):
+                replace_submodule(model, f"{owner}.{name}", SubPixelConvTranspose2d.from_conv_transpose(module))
+                replaced.append(f"{owner}.{name}")
+    return replaced
+
+
 def patch_for_quantization(model: nn.Module, float_modules: list[str] | tuple[str, ...] = (),
-                           inplace: bool = False, float_predictor: bool = False, float_1x1_pooling: bool = False
-                           ) -> tuple[nn.Module, list[FloatIslandRecord]]:
+                           inplace: bool = False, float_predictor: bool = False, float_1x1_pooling: bool = False,
+                           subpixel_predictor: bool = True) -> tuple[nn.Module, list[FloatIslandRecord]]:
     """The quantizable model and the list of every float boundary in it (the eager engine's reading of
     ``QUANTIZED_REGIONS``).
 
-    ``float_predictor`` keeps a region's last module in float when it holds transposed convs (the DensePose
-    predictor), for a backend whose quantized ConvTranspose2d computes wrong values; ``float_1x1_pooling`` keeps 1x1
-    max-pools (the necks' stride-2 ``top_block``) in float, for a backend that cannot create a 1x1 pooling operator.
-    A backend's ``fnl.engine.backends.BackendPolicy.patch_options()`` sets both.
+    ``subpixel_predictor`` rewrites the transposed convs of the regions' last modules (the DensePose predictor) as
+    ordinary convs (``subpixel_transposed_convs``): exact in float, and int8 on every backend and runtime. Without it
+    (int8 checkpoints written before the rewrite), ``float_predictor`` keeps a region's last module in float when it
+    holds transposed convs, for a backend whose quantized ConvTranspose2d computes wrong values;
+    ``float_1x1_pooling`` keeps 1x1 max-pools (the necks' stride-2 ``top_block``) in float, for a backend that
+    cannot create a 1x1 pooling operator. A backend's ``fnl.engine.backends.BackendPolicy.patch_options()`` sets
+    both.
     """
     if not inplace:
         model = copy.deepcopy(model)
     islands: list[FloatIslandRecord] = []
     regions = active_regions(model)
     make_blocks_quantizable(model.backbone)
+    if subpixel_predictor:
+        subpixel_transposed_convs(model, [region.modules[-1] for region in regions if region.exit_reason])
 
     # A region's last module hands its outputs to float code (and may return a tuple): kept float, it stays so.
     exits = {region.modules[-1] for region in regions if region.exit_reason is not None}

@@ -125,8 +125,10 @@ def assign_qconfig(model: nn.Module, backend: str, qat: bool, weight_scales: str
 
 
 def prepare(float_model: nn.Module, cfg: CfgNode, mode: str | None = None,
-            stages: QuantizationStages | None = None) -> nn.Module:
-    """patch -> fuse -> prepare(_qat): the fake-quant (QAT) or observed (PTQ) model. ``float_model`` is untouched."""
+            stages: QuantizationStages | None = None, subpixel_predictor: bool = True) -> nn.Module:
+    """patch -> fuse -> prepare(_qat): the fake-quant (QAT) or observed (PTQ) model. ``float_model`` is untouched.
+    ``subpixel_predictor``: the DensePose predictor's transposed convs as ordinary int8 convs (``fnl.qat.patch``);
+    off only to rebuild int8 checkpoints written before that rewrite."""
     mode = mode or cfg.QUANTIZATION.MODE
     if mode not in MODES:
         raise ConfigError(f"QUANTIZATION.MODE must be one of {MODES}, got '{mode}'")
@@ -135,7 +137,7 @@ def prepare(float_model: nn.Module, cfg: CfgNode, mode: str | None = None,
     policy = select_backend(backend)
     qat = mode == "qat"
     patched, stages.islands = patch_for_quantization(float_model, cfg.QUANTIZATION.FLOAT_MODULES,
-                                                     **policy.patch_options())
+                                                     subpixel_predictor=subpixel_predictor, **policy.patch_options())
     stages.hook_audits["patch"] = audit_hooks(patched)
     # QAT fuses into train-mode ConvBn modules (BN keeps learning); PTQ folds BN into the conv weights.
     patched.train(qat)
@@ -382,7 +384,8 @@ def _run_int8_regions(int8_model: nn.Module) -> None:
                 RegionModules([int8_model.get_submodule(name) for name in region.modules])(pooler.quant(pooled))
 
 
-def build_int8_structure(float_model: nn.Module, cfg: CfgNode, mode: str) -> nn.Module:
+def build_int8_structure(float_model: nn.Module, cfg: CfgNode, mode: str, subpixel_predictor: bool = True
+                         ) -> nn.Module:
     """The int8 module tree for ``cfg`` (weights not yet loaded): how an int8 checkpoint is reloaded."""
-    prepared = prepare(float_model, cfg, mode)
+    prepared = prepare(float_model, cfg, mode, subpixel_predictor=subpixel_predictor)
     return convert(prepared, snap=False)

@@ -27,10 +27,16 @@ from fnl.engine.checkpoint import (
     resolve_config,
 )
 from fnl.modeling import build_model
+from fnl.modeling.layers import SubPixelConvTranspose2d
 from fnl.qat.quantize import build_int8_structure, select_backend
 from fnl.utils.io import atomic_path
 
 FORMAT = "fnl-int8-packed-v1"
+# How the int8 checkpoint's DensePose predictor computes its transposed convs, recorded under "quantization": as
+# SubPixelConvTranspose2d convs (fnl.qat.patch), or, in checkpoints that do not say (written before that rewrite), as
+# ConvTranspose2d modules: the structure a checkpoint is loaded into must be the one it was saved from.
+TRANSPOSED_CONVS_KEY = "transposed_convs"
+SUBPIXEL, TRANSPOSED = "subpixel-conv", "conv-transpose"
 _DTYPES = {str(d): d for d in (torch.qint8, torch.quint8, torch.qint32, torch.float32, torch.float64, torch.int64,
                                torch.int32, torch.float16, torch.bfloat16, torch.uint8, torch.int8, torch.bool)}
 
@@ -133,9 +139,12 @@ def unpack_state_dict(packed: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_int8_checkpoint(path: str | Path, int8_model: nn.Module, cfg: CfgNode, mode: str) -> Path:
-    """``{"model": packed int8 state, "config", "quantization": {mode, backend, format}}``, written atomically."""
+    """``{"model": packed int8 state, "config", "quantization": {mode, backend, format, transposed_convs}}``,
+    written atomically."""
+    subpixel = any(isinstance(module, SubPixelConvTranspose2d) for module in int8_model.modules())
     payload = {"model": pack_state_dict(int8_model.state_dict()), "config": cfg.dump(),
-               "quantization": {"mode": mode, "backend": cfg.QUANTIZATION.BACKEND, "format": FORMAT}}
+               "quantization": {"mode": mode, "backend": cfg.QUANTIZATION.BACKEND, "format": FORMAT,
+                                TRANSPOSED_CONVS_KEY: SUBPIXEL if subpixel else TRANSPOSED}}
     path = Path(path)
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
@@ -156,7 +165,12 @@ def load_int8_checkpoint(path: str | Path, allow_unsafe: bool = False) -> tuple[
     cfg = config_from_checkpoint(path, allow_unsafe)
     cfg.QUANTIZATION.BACKEND = data["quantization"]["backend"]
     select_backend(cfg.QUANTIZATION.BACKEND)
-    model = build_int8_structure(build_model(cfg).eval(), cfg, data["quantization"]["mode"])
+    transposed_convs = data["quantization"].get(TRANSPOSED_CONVS_KEY, TRANSPOSED)
+    if transposed_convs not in (SUBPIXEL, TRANSPOSED):
+        raise CheckpointError(f"int8 checkpoint {path}: quantization.{TRANSPOSED_CONVS_KEY} is "
+                              f"'{transposed_convs}', expected '{SUBPIXEL}' or '{TRANSPOSED}'")
+    model = build_int8_structure(build_model(cfg).eval(), cfg, data["quantization"]["mode"],
+                                 subpixel_predictor=transposed_convs == SUBPIXEL)
     try:
         state = unpack_state_dict(data["model"])
         model.load_state_dict(state, strict=True)

@@ -124,8 +124,11 @@ def test_fnl_exports_are_compacted_by_default(int8_export):
     # Node names are the part each node was traced in (what fnl.export.profile sums by), and unique.
     assert {node.name.split(".")[0] for node in graph.node} == {"bb", "rpn", "box", "dp", "g"}
     assert len({node.name for node in graph.node}) == len(graph.node)
-    # The DensePose predictor's four transposed convs are one.
-    assert [node.op_type for node in graph.node].count("ConvTranspose") == 1
+    # The DensePose predictor's four transposed convs are int8 sub-pixel convs, each with its own output scale (so
+    # not merged as float transposed convs are): four convs, pixel shuffles and crops, no ConvTranspose.
+    op_types = [node.op_type for node in graph.node]
+    assert op_types.count("ConvTranspose") == 0 and op_types.count("DepthToSpace") == 4
+    assert all(node.name.startswith("dp.") for node in graph.node if node.op_type == "DepthToSpace")
 
 
 @pytest.mark.parametrize("scope", ["/roi_heads/densepose_predictor/module/u_lowres/ConvTranspose",

@@ -10,6 +10,7 @@ import torch
 from fnl.config import load_config
 from fnl.hooks import fuse_model
 from fnl.modeling import build_model
+from fnl.modeling.layers import SubPixelConvTranspose2d
 from fnl.qat import (
     calibrate,
     convert,
@@ -52,9 +53,19 @@ def test_patch_keeps_float_outputs_and_lists_every_island(float_model, image):
                    if type(m).__name__ in ("InvertedResidual", "DepthwiseSeparableConv")]
     blocks = [m for m in patched.modules() if isinstance(m, QuantizableResidualBlock)]
     assert len(blocks) == len(timm_blocks) > 0
+    # the DensePose predictor's transposed convs are SubPixelConvTranspose2d: the same values, summed in another order
+    predictor = patched.roi_heads.densepose_predictor.module
+    assert all(isinstance(getattr(predictor, name), SubPixelConvTranspose2d)
+               for name in ("ann_index_lowres", "index_uv_lowres", "u_lowres", "v_lowres"))
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in patched.modules())
     with torch.no_grad():
         a, b = float_model([{"image": image}])[0], patched([{"image": image}])[0]
-    assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["densepose"]["u"], b["densepose"]["u"])
+    assert torch.equal(a["boxes"], b["boxes"])
+    for name in ("coarse_segm", "fine_segm", "u", "v"):
+        torch.testing.assert_close(b["densepose"][name], a["densepose"][name], atol=1e-5, rtol=1e-5)
+    # the float model itself is untouched (its checkpoints keep their keys)
+    assert any(isinstance(m, torch.nn.ConvTranspose2d) for m in float_model.modules())
+    assert "roi_heads.densepose_predictor.u_lowres.weight" in float_model.state_dict()
 
 
 def test_fused_model_equals_unfused_in_eval(float_model, image):
@@ -110,6 +121,7 @@ def test_int8_model_is_small_and_reloads_in_a_fresh_process(float_model, image, 
     calibrate(prepared, [[{"image": image}]] * 2, num_images=2)
     int8 = convert(prepared)
     path = save_int8_checkpoint(tmp_path / "model_int8.pth", int8, cfg, "ptq")
+    assert torch.load(path, weights_only=True)["quantization"]["transposed_convs"] == "subpixel-conv"
     float_path = tmp_path / "model_fp32.pth"
     torch.save({"model": float_model.state_dict()}, float_path)
     assert float_path.stat().st_size / path.stat().st_size >= 3.5
@@ -216,3 +228,73 @@ def test_qnnpack_keeps_the_1x1_top_block_pooling_in_float(float_model, image):
     assert set(out) == {"boxes", "scores", "classes", "densepose"} and torch.isfinite(out["scores"]).all()
     fbgemm = prepare(float_model, load_config("mobile_parsing_rcnn_b", SMALL), "ptq")
     assert isinstance(fbgemm.backbone.module.top_block, torch.nn.MaxPool2d)
+
+
+PREDICTOR_CONVS = ("ann_index_lowres", "index_uv_lowres", "u_lowres", "v_lowres")
+
+
+def test_x86_runs_the_densepose_predictor_in_int8_as_subpixel_convs(float_model, image):
+    """x86's quantized ConvTranspose2d is wrong, so the predictor was a float island there; as sub-pixel convs it is
+    int8 (ordinary int8 convs), within a few output quanta of the float predictor on the same int8 input."""
+    from torch.ao.nn import quantized as nnq
+
+    from fnl.qat.patch import DequantizeOutputs
+
+    cfg = load_config("mobile_parsing_rcnn_b", [*SMALL, "QUANTIZATION.BACKEND", "x86"])
+    try:
+        prepared = prepare(float_model, cfg, "ptq")
+        calibrate(prepared, [[{"image": image}]], num_images=1)
+        int8 = convert(prepared)
+        predictor = int8.roi_heads.densepose_predictor
+        assert isinstance(predictor, DequantizeOutputs)
+        assert all(isinstance(getattr(predictor.module, name).conv, nnq.Conv2d) for name in PREDICTOR_CONVS)
+        assert not any(isinstance(m, torch.nn.ConvTranspose2d | nnq.ConvTranspose2d) for m in int8.modules())
+        reference = patch_for_quantization(float_model)[0].roi_heads.densepose_predictor.module
+        inputs = []  # the predictor's int8 input on the calibration image
+        handle = predictor.module.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+        with torch.no_grad():
+            int8([{"image": image}])
+        handle.remove()
+        (x,) = inputs
+        assert x.is_quantized and x.shape[0] > 0
+        with torch.no_grad():
+            for name in PREDICTOR_CONVS:
+                actual, expected = getattr(predictor.module, name)(x), getattr(reference, name)(x.dequantize())
+                rois, _, height, width = x.shape
+                assert actual.shape == expected.shape == (rois, expected.shape[1], 2 * height, 2 * width)
+                scale, zero_point = actual.q_scale(), actual.q_zero_point()
+                expected = expected.clamp((0 - zero_point) * scale, (255 - zero_point) * scale)  # the output's range
+                # rounding of the output and of the int8 weights: a few quanta; a wrong weight layout is hundreds
+                assert (actual.dequantize() - expected).abs().max() <= 4 * scale, name
+    finally:
+        torch.backends.quantized.engine = "fbgemm"
+
+
+def test_int8_checkpoints_written_before_the_subpixel_rewrite_still_load(float_model, image, tmp_path):
+    from torch.ao.nn import quantized as nnq
+
+    from fnl.engine.checkpoint import CheckpointError
+
+    cfg = load_config("mobile_parsing_rcnn_b", SMALL)
+    prepared = prepare(float_model, cfg, "ptq", subpixel_predictor=False)  # the int8 model fnl built before
+    calibrate(prepared, [[{"image": image}]], num_images=1)
+    old = convert(prepared)
+    assert isinstance(old.roi_heads.densepose_predictor.module.u_lowres, nnq.ConvTranspose2d)
+    path = save_int8_checkpoint(tmp_path / "model_int8.pth", old, cfg, "ptq")
+    data = torch.load(path, weights_only=True)
+    assert data["quantization"].pop("transposed_convs") == "conv-transpose"
+    torch.save(data, path)  # what fnl wrote before: no "transposed_convs" entry
+    loaded, _ = load_int8_checkpoint(path)
+    assert isinstance(loaded.roi_heads.densepose_predictor.module.u_lowres, nnq.ConvTranspose2d)
+    with torch.no_grad():
+        expected, actual = old([{"image": image}])[0], loaded([{"image": image}])[0]
+    assert torch.equal(actual["densepose"]["u"], expected["densepose"]["u"])
+    # a file whose entry contradicts its weights, or holds an unknown value, fails naming the file
+    data["quantization"]["transposed_convs"] = "subpixel-conv"
+    torch.save(data, path)
+    with pytest.raises(CheckpointError, match="does not fit the model its config describes"):
+        load_int8_checkpoint(path)
+    data["quantization"]["transposed_convs"] = "winograd"
+    torch.save(data, path)
+    with pytest.raises(CheckpointError, match="transposed_convs is 'winograd'"):
+        load_int8_checkpoint(path)

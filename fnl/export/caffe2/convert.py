@@ -17,7 +17,9 @@ How:
    -> QuantizeLinear``) becomes the Int8 op (Int8Conv, Int8ConvRelu, Int8ConvTranspose, Int8FC, Int8Add,
    Int8AddRelu, Int8Concat, Int8MaxPool, Int8AveragePool, Int8ResizeNearest, Int8Flatten) with ``Y_scale`` and
    ``Y_zero_point``. Anything else on int8 values runs in float between Int8Dequantize and Int8Quantize (the BiFPN's
-   multiply-by-fusion-weight, which no Caffe2 int8 op does, is the one case in fnl's models).
+   multiply-by-fusion-weight, which no Caffe2 int8 op does, and the DensePose predictor's pixel shuffle and crop
+   after its sub-pixel Int8Convs: DepthToSpace as Reshape -> Transpose -> Reshape, Slice; both move values only, so
+   requantizing them at the same scale is exact).
 4. Layouts: Caffe2's Int8 ops are NHWC (QNNPACK); float ops are emitted NCHW. NCHW2NHWC / NHWC2NCHW are inserted
    where a value crosses, once per value. Int8 weights are stored OHWI (Int8Conv) / IHWO (Int8ConvTranspose).
 
@@ -604,13 +606,56 @@ def _emit_softmax(c: _Converter, node: onnx.NodeProto, out: str) -> _Float:
     return _Float(out, None if rank != 4 else NCHW)
 
 
+def _emit_depth_to_space(c: _Converter, node: onnx.NodeProto, out: str) -> _Float:
+    """DepthToSpace (CRD: PyTorch's pixel_shuffle, in the DensePose predictor's sub-pixel convs) as stock Caffe2's
+    Reshape (N, C, r, r, H, W) -> Transpose -> Reshape (N, C, rH, rW), which has no DepthToSpace operator. H and W
+    must be the same on every probe (the RoI heads' fixed pooled size); N stays dynamic (Reshape's 0 copies it)."""
+    attrs = _attributes(node)
+    if attrs.get("mode", b"DCR") != b"CRD":
+        raise ConversionError(f"{_describe(node)}: only DepthToSpace mode CRD (pixel_shuffle) is converted")
+    block = int(attrs["blocksize"])
+    sizes = {tuple(probe[node.input[0]][1:]) for probe in c.shapes}
+    if len(sizes) != 1:
+        raise ConversionError(f"{_describe(node)}: its input's channels / height / width differ between the probes "
+                              f"({sorted(sizes)}); Caffe2's Reshape takes a fixed shape")
+    channels, height, width = sizes.pop()
+    blocks = [0, channels // block**2, block, block, height, width]
+    c.emit("Reshape", [c.float_blob(node.input[0], NCHW)], [f"{out}_blocks", f"{out}_blocks_shape"], node,
+           shape=blocks)
+    c.emit("Transpose", [f"{out}_blocks"], [f"{out}_interleaved"], node, axes=[0, 1, 4, 2, 5, 3])
+    c.emit("Reshape", [f"{out}_interleaved"], [out, f"{out}_shape"], node,
+           shape=[0, channels // block**2, height * block, width * block])
+    return _Float(out, NCHW)
+
+
+def _emit_slice(c: _Converter, node: onnx.NodeProto, out: str) -> _Float:
+    """Slice with constant bounds and step 1 as Caffe2's Slice, whose negative bounds count from one past the end
+    (an ONNX end of -1, exclusive, is Caffe2's -2) and which takes a start and an end for every leading axis."""
+    starts, ends = (c.const_array(name, node).reshape(-1) for name in node.input[1:3])
+    rank = c.rank(node.input[0])
+    axes = (c.const_array(node.input[3], node).reshape(-1) if len(node.input) > 3 and node.input[3]
+            else np.arange(len(starts)))
+    if len(node.input) > 4 and node.input[4] and np.any(c.const_array(node.input[4], node) != 1):
+        raise ConversionError(f"{_describe(node)}: only step 1 has a Caffe2 Slice form")
+    caffe2_starts, caffe2_ends = [0] * rank, [-1] * rank
+    dims = c.shape(node.input[0])
+    for axis, start, end in zip(axes, starts, ends, strict=True):
+        axis = int(axis) + rank if axis < 0 else int(axis)
+        start, end = int(start), int(end)
+        caffe2_starts[axis] = start - 1 if start < 0 else start
+        caffe2_ends[axis] = end - 1 if end < 0 else (-1 if end >= dims[axis] else end)
+    c.emit("Slice", [c.float_blob(node.input[0], NCHW if rank == 4 else None)], [out], node, starts=caffe2_starts,
+           ends=caffe2_ends)
+    return _Float(out, NCHW if rank == 4 else None)
+
+
 _FLOAT_EMITTERS = {
     "Conv": _emit_conv, "ConvTranspose": _emit_conv_transpose, "Gemm": _emit_gemm,
     "Relu": _emit_unary("Relu"), "Sigmoid": _emit_unary("Sigmoid"),
     "Add": _emit_binary, "Sub": _emit_binary, "Mul": _emit_binary, "Div": _emit_binary,
     "Concat": _emit_concat, "MaxPool": _emit_max_pool, "AveragePool": _emit_average_pool,
     "GlobalAveragePool": _emit_global_average_pool, "Resize": _emit_resize, "Flatten": _emit_flatten,
-    "Softmax": _emit_softmax,
+    "Softmax": _emit_softmax, "DepthToSpace": _emit_depth_to_space, "Slice": _emit_slice,
 }
 _FLOAT_OPS = frozenset(_FLOAT_EMITTERS)
 _QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "Cast", "Identity", "Dropout"})

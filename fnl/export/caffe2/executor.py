@@ -433,6 +433,36 @@ def _flatten(inputs: list[Blob], args: Args) -> list[Blob]:
     return [x.reshape(math.prod(x.shape[:axis]), -1)]
 
 
+@_register("Reshape")
+def _reshape(inputs: list[Blob], args: Args) -> list[Blob]:
+    if len(inputs) > 1:
+        raise ValueError("the two-input form (shape as a tensor) is not emitted by fnl and not implemented here")
+    x = _float(inputs[0])
+    # Caffe2: 0 copies the input's dimension, -1 is inferred; the second output is the old shape.
+    shape = [x.shape[i] if size == 0 else size for i, size in enumerate(args.ints("shape"))]
+    return [x.reshape(shape), torch.tensor(x.shape, dtype=torch.int64)]
+
+
+@_register("Transpose")
+def _transpose(inputs: list[Blob], args: Args) -> list[Blob]:
+    x = _float(inputs[0])
+    return [x.permute(args.ints("axes", list(range(x.dim()))[::-1])).contiguous()]
+
+
+@_register("Slice")
+def _slice(inputs: list[Blob], args: Args) -> list[Blob]:
+    if len(inputs) > 1:
+        raise ValueError("the three-input form (bounds as tensors) is not emitted by fnl and not implemented here")
+    x = _float(inputs[0])
+    starts, ends = args.ints("starts"), args.ints("ends")
+    if len(starts) != len(ends) or len(starts) > x.dim():
+        raise ValueError(f"starts {starts} and ends {ends} must be as long as each other and at most rank {x.dim()}")
+    # Caffe2's SliceImpl: a negative bound counts from one past the end (-1 is the end itself).
+    index = tuple(slice(start + size + 1 if start < 0 else start, end + size + 1 if end < 0 else end)
+                  for start, end, size in zip(starts, ends, x.shape, strict=False))
+    return [x[index].contiguous()]
+
+
 @_register("Softmax")
 def _softmax(inputs: list[Blob], args: Args) -> list[Blob]:
     x = _float(inputs[0])

@@ -57,6 +57,7 @@ from fnl.export.verify import (
     one_gray_level_up,
 )
 from fnl.modeling import GeneralizedRCNN
+from fnl.modeling.layers import SubPixelConvTranspose2d
 from fnl.utils.errors import InvalidArgumentError
 from fnl.utils.modules import eval_mode
 
@@ -104,13 +105,16 @@ def _steps(row: DiffRow) -> str:
 
 
 def densepose_output_steps(model: GeneralizedRCNN) -> dict[str, float | None]:
-    """The quantization step of each DensePose output of an int8 model (the scale of the quantized transposed conv
-    that produces it), None where that output is computed in float (a float-island predictor)."""
+    """The quantization step of each DensePose output of an int8 model (the output scale of the quantized sub-pixel
+    conv, or of the quantized transposed conv of an int8 checkpoint written before that rewrite, that produces it),
+    None where that output is computed in float (a float-island predictor)."""
     predictor = getattr(model.roi_heads.densepose_predictor, "module", model.roi_heads.densepose_predictor)
     layers = ("ann_index_lowres", "index_uv_lowres", "u_lowres", "v_lowres")
     steps: dict[str, float | None] = {}
     for name, layer in zip(DENSEPOSE_OUTPUTS, layers, strict=True):
-        scale = getattr(getattr(predictor, layer), "scale", None)
+        module = getattr(predictor, layer)
+        # SubPixelConvTranspose2d: its pixel shuffle and crop keep its conv's output scale
+        scale = getattr(module.conv if isinstance(module, SubPixelConvTranspose2d) else module, "scale", None)
         steps[name] = float(scale) if scale is not None else None
     return steps
 

@@ -13,17 +13,21 @@ from fnl.export.caffe2.executor import Caffe2ExecutionError
 from fnl.export.caffe2.predictor import prepare_inputs
 from fnl.export.caffe2.proto import arguments_of, load_netdef, make_op
 from fnl.export.caffe2.writer import INIT_NET_FILE, PREDICT_NET_FILE
+from fnl.export.runtime import DENSEPOSE_OUTPUTS
 
 pytestmark = QUANTIZATION_WARNINGS
 
-INT8_OPS = {"Int8Quantize", "Int8Dequantize", "Int8Conv", "Int8ConvRelu", "Int8Add", "Int8ConvTranspose", "Int8FC",
-            "Int8Concat", "Int8ResizeNearest", "Int8AveragePool", "Int8Flatten"}
+INT8_OPS = {"Int8Quantize", "Int8Dequantize", "Int8Conv", "Int8ConvRelu", "Int8Add", "Int8FC", "Int8Concat",
+            "Int8ResizeNearest", "Int8AveragePool", "Int8Flatten"}
 
 
 def test_int8_net_runs_the_network_on_qnnpack_int8_operators(caffe2_int8):
     counts = caffe2_int8.export.operators
     assert INT8_OPS <= set(counts)
-    assert not {"Conv", "ConvTranspose", "FC"} & set(counts)  # every conv / linear of the model is int8
+    # every conv / linear of the model is int8, the DensePose predictor's transposed convs too: sub-pixel Int8Convs,
+    # their pixel shuffle (Reshape, Transpose, Reshape) and crop (Slice) moving the dequantized values
+    assert not {"Conv", "ConvTranspose", "Int8ConvTranspose", "FC"} & set(counts)
+    assert counts["Reshape"] == 8 and counts["Transpose"] == 4 and counts["Slice"] == 8
     ops = load_netdef(caffe2_int8.directory / PREDICT_NET_FILE).op
     for op in ops:
         if op.type.startswith("Int8") and op.type not in ("Int8Dequantize",):
@@ -99,8 +103,8 @@ def test_on_qnnpack_the_box_head_computes_what_the_caffe2_net_computes_bit_for_b
     # The one exact comparison of two int8 implementations, as both do the same integer arithmetic: the engine is
     # pinned to qnnpack, which runs QNNPACK's kernels, the ones Caffe2 mobile's Int8 operators called (on x86 the same
     # SSE2 code whatever AVX-512 / AMX the CPU has), and the reference executor computes what they compute: with
-    # per-tensor weights and biases on the int32 grid, exactly, on the same pooled RoI features (the DensePose
-    # predictor stays float on qnnpack, see fnl.engine.backends). Nothing end to end is exact.
+    # per-tensor weights and biases on the int32 grid, exactly, on the same pooled RoI features. Nothing end to end is
+    # exact.
     if "qnnpack" not in torch.backends.quantized.supported_engines:
         pytest.skip("this PyTorch build has no qnnpack engine")
     previous = torch.backends.quantized.engine
@@ -113,8 +117,13 @@ def test_on_qnnpack_the_box_head_computes_what_the_caffe2_net_computes_bit_for_b
     finally:
         torch.backends.quantized.engine = previous
     steps = {row.output: row.max_abs_diff / row.tolerance for row in result.stages if row.tolerance}
-    assert set(steps) == {"cls_logits", "bbox_deltas"} and all(row.compared > 0 for row in result.stages)
-    assert steps == {"cls_logits": 0.0, "bbox_deltas": 0.0}, result.table()
+    assert set(steps) == {"cls_logits", "bbox_deltas", *DENSEPOSE_OUTPUTS}
+    assert all(row.compared > 0 for row in result.stages)
+    assert {name: steps[name] for name in ("cls_logits", "bbox_deltas")} == {"cls_logits": 0.0, "bbox_deltas": 0.0}
+    # The DensePose head and predictor are int8 on qnnpack too (the predictor's sub-pixel convs): not bit for bit
+    # (up to two steps in about 5 values in 100,000 of its outputs here; not traced to a layer), within the stage
+    # criterion.
+    assert result.stages_passed and all(steps[name] <= 2.001 for name in DENSEPOSE_OUTPUTS), result.table()
 
 
 def test_report_row_scores_the_files_and_leaves_latency_empty(caffe2_int8, tiny_cfg):
