@@ -172,8 +172,8 @@ _C.TEST = CfgNode()
 _C.TEST.MAX_IMAGES = 0  # 0: the whole split
 
 _C.QUANTIZATION = CfgNode()
-# "fbgemm" (x86 servers/desktops) | "x86" | "qnnpack" (mobile ARM). On x86 and qnnpack the DensePose predictor stays
-# float: torch 2.14's quantized ConvTranspose2d is wrong there (fnl.engine.backends).
+# "fbgemm" (x86 servers/desktops) | "x86" | "qnnpack" (mobile ARM). The DensePose predictor is int8 on each: its
+# transposed convs become sub-pixel convs (torch 2.14's quantized ConvTranspose2d is wrong on x86 and qnnpack).
 _C.QUANTIZATION.BACKEND = "fbgemm"
 _C.QUANTIZATION.MODE = "qat"  # "qat": quantization-aware training | "ptq": calibration only
 # "per-channel" int8 weights (fbgemm, XNNPACK) | "per-tensor": one scale per layer, what stock Caffe2's Int8 ops and
