@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     caffe2 = add_format("caffe2", "Caffe2 NetDefs (QNNPACK int8 operators for an int8 checkpoint)", None)
     add_config_arguments(caffe2, required=False, config_help=STORED_CONFIG_HELP)
     executorch = add_format("executorch", "XNNPACK .pte programs of a PT2E int8 model (fnl-quantize --engine pt2e), "
-                                          "with the config stored in it",
+                                          "or float32 ones of a float checkpoint, with the config stored in it",
                             "fnl-quantize --engine pt2e output directory: export it and write the report")
     executorch.set_defaults(config=None, opts=[])
     return parser
@@ -208,10 +208,10 @@ def _export_caffe2(model: GeneralizedRCNN, cfg: CfgNode, args: argparse.Namespac
 
 
 def _export_executorch(args: argparse.Namespace) -> int:
-    """fnl-export executorch: XNNPACK .pte programs of a PT2E int8 model (fnl-quantize --engine pt2e), run by
-    fnl.export.executorch.ExecuTorchPredictor. --from-quantize QDIR also measures and writes the report (PyTorch
-    float32, PyTorch PT2E int8, ExecuTorch int8); --ckpt QDIR/model_pt2e.pth writes the programs (--verify: compare
-    with the PyTorch PT2E model)."""
+    """fnl-export executorch: XNNPACK .pte programs of a PT2E int8 model (fnl-quantize --engine pt2e), or float32
+    programs of a float checkpoint, run by fnl.export.executorch.ExecuTorchPredictor. --from-quantize QDIR also
+    measures and writes the report (PyTorch float32, ExecuTorch float32, PyTorch PT2E int8, ExecuTorch int8); --ckpt
+    QDIR/model_pt2e.pth or a float checkpoint writes the programs (--verify: compare with the PyTorch model)."""
     from pathlib import Path
 
     from fnl.qat.pt2e import require_pt2e
@@ -220,6 +220,7 @@ def _export_executorch(args: argparse.Namespace) -> int:
     from fnl.cli.common import ensure_dataset
     from fnl.export.executorch import (
         EXECUTORCH_DIR,
+        EXECUTORCH_FLOAT_DIR,
         ExecuTorchPredictor,
         export_executorch_and_report,
         program_image_size,
@@ -236,28 +237,35 @@ def _export_executorch(args: argparse.Namespace) -> int:
         print(f"report: {output / 'report.json'}")
         return 0 if all(v["passed"] for v in document["verification"].values()) else 1
     from fnl.engine.checkpoint import CheckpointError, read_checkpoint
+    from fnl.export.verify import FLOAT32, INT8
     from fnl.qat.pt2e import is_pt2e_checkpoint
+    from fnl.qat.serialization import is_int8_checkpoint
 
-    if not is_pt2e_checkpoint(read_checkpoint(args.ckpt, args.unsafe_load)):
-        raise CheckpointError(f"{args.ckpt} is not a PT2E checkpoint: fnl-export executorch exports the model_pt2e.pth "
-                              "that fnl-quantize --engine pt2e writes")
-    model, cfg, _ = load_pt2e_checkpoint(args.ckpt, args.unsafe_load)
+    data = read_checkpoint(args.ckpt, args.unsafe_load)
+    if is_pt2e_checkpoint(data):
+        model, cfg, _ = load_pt2e_checkpoint(args.ckpt, args.unsafe_load)
+        criteria = INT8
+    elif is_int8_checkpoint(data):
+        raise CheckpointError(f"{args.ckpt} is an eager-mode int8 checkpoint: fnl-export executorch exports the "
+                              "model_pt2e.pth that fnl-quantize --engine pt2e writes, or a float checkpoint")
+    else:
+        cfg = _config(args)
+        model, criteria = _load_model(cfg, args.ckpt, args.unsafe_load).eval(), FLOAT32
     if args.input_size is not None:
         cfg = cfg.clone()
         cfg.INPUT.MIN_SIZE_TEST = args.input_size
-    from fnl.export.verify import INT8
-
-    images = _verification_images(cfg, args, INT8) if args.verify else []
+    images = _verification_images(cfg, args, criteria) if args.verify else []
     # The backbone program has a fixed size: the largest verification image, else the square test size.
     image_size = program_image_size(cfg)
     if images:
         image_size = tuple(max(size, *(program_image_size(cfg, image.shape[k])[0] for image in images))
                            for k, size in ((-2, image_size[0]), (-1, image_size[1])))
-    written = to_executorch(model, cfg, output / EXECUTORCH_DIR, args.force, image_size)
-    print(f"wrote {', '.join(str(p) for p in written.files)} (int8, XNNPACK, {written.size_mb:.2f} MB)")
+    directory = output / (EXECUTORCH_DIR if criteria is INT8 else EXECUTORCH_FLOAT_DIR)
+    written = to_executorch(model, cfg, directory, args.force, image_size)
+    print(f"wrote {', '.join(str(p) for p in written.files)} ({written.precision}, XNNPACK, {written.size_mb:.2f} MB)")
     if not args.verify:
         return 0
-    report = verify_executorch(model, ExecuTorchPredictor(written.directory, args.threads), images)
+    report = verify_executorch(model, ExecuTorchPredictor(written.directory, args.threads), images, criteria)
     print(report.table())
     return 0 if report.passed else 1
 

@@ -35,6 +35,9 @@ class BackendPolicy:
     qat_transposed_conv: bool = True
     # The smallest scale its quantization configs allow (observers' eps), where fnl must set it itself.
     min_scale: float | None = None
+    # Its int8 global average pooling (an int8 adaptive_avg_pool2d / mean) is right in a program whose batch size
+    # changes from call to call; else such a pool runs in float in those programs.
+    dynamic_int8_global_pool: bool = True
 
     def patch_options(self) -> dict[str, bool]:
         """The keyword arguments of ``fnl.qat.patch.patch_for_quantization`` that keep float what this backend
@@ -54,9 +57,10 @@ BACKENDS = tuple(EAGER_BACKENDS)
 
 # ExecuTorch's XNNPACK through PT2E: its int8 deconvolution matches PyTorch's reference, but its QAT configuration
 # fake-quantizes transposed-conv weights per *input* channel, which XNNPACK cannot run; scales below 2^-12 are
-# clamped by its observers.
+# clamped by its observers; its int8 global average pooling computes wrong values for some RoIs once a call has
+# more RoIs than an earlier one (the DensePose head's ASPP pooling; docs/NOTES.md).
 XNNPACK = BackendPolicy("xnnpack", "pt2e", transposed_conv=True, pools_1x1=True, qat_transposed_conv=False,
-                        min_scale=2**-12)
+                        min_scale=2**-12, dynamic_int8_global_pool=False)
 
 # Caffe2 mobile's Int8 operators: QNNPACK's kernels.
 CAFFE2_INT8 = EAGER_BACKENDS["qnnpack"]

@@ -1,13 +1,14 @@
-"""ExecuTorch export of a PT2E int8 model (``fnl.qat.pt2e``): one XNNPACK ``.pte`` program per int8 region, driven by
-the model's own float code in Python.
+"""ExecuTorch export of a PT2E int8 model (``fnl.qat.pt2e``), or of a float32 model for comparison in the same
+runtime: one XNNPACK ``.pte`` program per region, driven by the model's own float code in Python.
 
 Layout of an export directory:
 - ``backbone.pte``, ``rpn_head.pte``, ``box_head.pte``, ``densepose_head.pte``: each region of
-  ``fnl.qat.patch.QUANTIZED_REGIONS`` re-captured from the converted PT2E graph at inference shapes (batch 1, H and W
-  dynamic up to ``INPUT.MAX_SIZE_TEST``; RoIs dynamic up to what the RPN / the detector can return) and lowered with
-  ``to_edge_transform_and_lower(..., XnnpackPartitioner())`` and ``to_executorch``;
-- ``executorch.json``: the config, and per region its file, the modules it stands for and the pytree specs of its
-  inputs and outputs.
+  ``fnl.qat.patch.QUANTIZED_REGIONS`` re-captured at inference shapes (batch 1, H and W dynamic up to
+  ``INPUT.MAX_SIZE_TEST``; RoIs dynamic up to what the RPN / the detector can return) from the converted PT2E graph,
+  or for a float32 model from its modules, and lowered with ``to_edge_transform_and_lower(..., XnnpackPartitioner())``
+  and ``to_executorch`` (XNNPACK's int8 or float32 kernels);
+- ``executorch.json``: the config, the precision, and per region its file, the modules it stands for and the pytree
+  specs of its inputs and outputs.
 
 The programs are pieces, not one program: proposal decoding, NMS and RoIAlign are the float glue between them, and
 ``ExecuTorchPredictor`` runs that glue with ``GeneralizedRCNN`` itself (built from the stored config; it has no
@@ -20,7 +21,9 @@ and returns what the PyTorch model does (list of dicts in; ``boxes``, ``scores``
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -33,27 +36,31 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from fnl.config import CfgNode, stored_config
+from fnl.engine.backends import XNNPACK
 from fnl.engine.benchmark import measure
 from fnl.engine.report import REPORT_JSON, ReportRow, file_megabytes, write_report
 from fnl.export.onnx import ExportableRCNN
 from fnl.export.pipeline import quantize_outputs, split_images, torch_threads
 from fnl.export.runtime import GraphPredictor
-from fnl.export.verify import INT8, Criteria, VerificationReport, ap_rows, verify_predictor
+from fnl.export.verify import FLOAT32, INT8, Criteria, VerificationReport, ap_rows, verify_predictor
 from fnl.modeling import build_model
 from fnl.qat.patch import IMAGE, active_regions
 from fnl.qat.pt2e import (
     PT2E_CHECKPOINT,
     PT2E_PTQ_CHECKPOINT,
+    capture_region,
     exported_regions,
     install_region,
     load_pt2e_checkpoint,
     require_pt2e,
 )
-from fnl.qat.regions import region_captures, run_per_level
+from fnl.qat.regions import RegionCapture, region_captures, run_per_level
 from fnl.qat.serialization import load_model_for_inference
 from fnl.utils.errors import InvalidArgumentError, UserError
 from fnl.utils.io import refuse_overwrite, write_bytes_atomic, write_json_atomic
 from fnl.utils.modules import eval_mode
+
+logger = logging.getLogger("fnl")
 
 MANIFEST = "executorch.json"
 MAX_PLANNED_ROIS = 1024  # more RoIs run in chunks (ExecuTorchRegion)
@@ -68,6 +75,7 @@ class ExecuTorchModelError(UserError, ValueError):
 class ExecuTorchExport:
     directory: Path
     files: list[Path] = field(default_factory=list)
+    precision: str = "int8"  # or "float32"
 
     @property
     def size_mb(self) -> float:
@@ -102,18 +110,71 @@ def duplicate_shared_nodes(program: torch.fx.GraphModule) -> int:
     return copies
 
 
-def lower_to_xnnpack(program: torch.fx.GraphModule, args: tuple[Any, ...], dynamic_shapes: tuple[Any, ...] | None
-                     ) -> tuple[bytes, Any, Any]:
-    """An int8 PT2E graph as an XNNPACK ``.pte`` buffer, with the pytree specs of its inputs and outputs.
-    ``program`` is not modified."""
-    # executorch is an optional extra (fnl[executorch]): imported only when a program is lowered
+def int8_global_pools(program: torch.fx.GraphModule) -> list[str]:
+    """The nodes of a converted PT2E graph that XNNPACK would run as int8 global average pooling: an
+    ``adaptive_avg_pool2d`` to 1 x 1 (or a mean over H and W) of a dequantized tensor, as the DensePose head's ASPP
+    pooling branch."""
+    dequantize = (torch.ops.quantized_decomposed.dequantize_per_tensor.default,
+                  torch.ops.quantized_decomposed.dequantize_per_tensor.tensor)
+    pools = []
+    for node in program.graph.nodes:
+        global_pool = (node.target == torch.ops.aten.adaptive_avg_pool2d.default and list(node.args[1]) == [1, 1]
+                       or node.target == torch.ops.aten.mean.dim and sorted(d % 4 for d in node.args[1]) == [2, 3])
+        if node.op == "call_function" and global_pool and getattr(node.args[0], "target", None) in dequantize:
+            pools.append(node.name)
+    return pools
+
+
+@functools.cache
+def _float_global_pool_config() -> type:
+    """XNNPACK's partitioner config of ``mean.dim`` (its global average pooling) that leaves int8 ones out of the
+    partitions: such a mean then runs in float on ExecuTorch's portable kernel between a dequantize and a quantize
+    that XNNPACK runs, the arithmetic of PyTorch's reference ops."""
+    from executorch.backends.xnnpack.partition.config.generic_node_configs import MeanDimConfig, why
+    from executorch.backends.xnnpack.utils.quant_utils import is_dequant
+
+    class FloatGlobalPoolConfig(MeanDimConfig):
+        def check_constraints(self, node: torch.fx.Node, ep: Any) -> bool:
+            if is_dequant(node.args[0]):
+                why(node, reason="int8 global average pooling in a program of dynamic batch size (fnl: "
+                                 "XNNPACK.dynamic_int8_global_pool)")
+                return False
+            return super().check_constraints(node, ep)
+
+    return FloatGlobalPoolConfig
+
+
+def xnnpack_partitioner(float_global_pools: bool = False) -> Any:
+    """ExecuTorch's XNNPACK partitioner; with ``float_global_pools``, int8 global average pools stay out of it."""
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+    from executorch.backends.xnnpack.partition.config.generic_node_configs import MeanDimConfig
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    if not float_global_pools:
+        return XnnpackPartitioner()
+    return XnnpackPartitioner(configs=[_float_global_pool_config() if config is MeanDimConfig else config
+                                       for config in ALL_PARTITIONER_CONFIGS])
+
+
+def lower_to_xnnpack(program: torch.fx.GraphModule, args: tuple[Any, ...], dynamic_shapes: tuple[Any, ...] | None,
+                     name: str = "program") -> tuple[bytes, Any, Any]:
+    """An int8 PT2E graph as an XNNPACK ``.pte`` buffer, with the pytree specs of its inputs and outputs.
+    ``program`` is not modified.
+
+    In a program with dynamic shapes (the RoI heads), the int8 global average pools run in float when the backend
+    policy says XNNPACK's are wrong there (``XNNPACK.dynamic_int8_global_pool``: after a call with fewer RoIs, a
+    call with more gets garbage for some of them; executorch 1.5.1, docs/NOTES.md); each is logged."""
+    # executorch is an optional extra (fnl[executorch]): imported only when a program is lowered
     from executorch.exir import to_edge_transform_and_lower
 
+    float_pools = [] if dynamic_shapes is None or XNNPACK.dynamic_int8_global_pool else int8_global_pools(program)
+    for pool in float_pools:
+        logger.info("%s: int8 global average pool '%s' runs in float outside XNNPACK (XNNPACK's is wrong when the "
+                    "batch size grows between calls; docs/NOTES.md)", name, pool)
     program = copy.deepcopy(program)
     duplicate_shared_nodes(program)
     exported = torch.export.export(program, args, dynamic_shapes=dynamic_shapes)
-    lowered = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+    lowered = to_edge_transform_and_lower(exported, partitioner=[xnnpack_partitioner(bool(float_pools))])
     return lowered.to_executorch().buffer, exported.call_spec.in_spec, exported.call_spec.out_spec
 
 
@@ -125,9 +186,10 @@ def program_image_size(cfg: CfgNode, input_size: int | None = None) -> tuple[int
     return side, side
 
 
-def to_executorch(int8_model: nn.Module, cfg: CfgNode, directory: str | Path, force: bool = False,
+def to_executorch(model: nn.Module, cfg: CfgNode, directory: str | Path, force: bool = False,
                   image_size: tuple[int, int] | None = None) -> ExecuTorchExport:
-    """Lower every region of a converted PT2E model (``fnl.qat.pt2e.convert_pt2e_model``) to ``directory``.
+    """Lower every region of a converted PT2E model (``fnl.qat.pt2e.convert_pt2e_model``), or of a float32 model
+    (no PT2E region at all: the regions' modules are captured as they are), to ``directory``.
 
     The backbone program has a fixed input size, ``image_size`` (default ``program_image_size(cfg)``): with dynamic
     H and W, XNNPACK leaves the convs whose output sizes the BiFPN's upsampling reads out of its partitions, and
@@ -137,13 +199,14 @@ def to_executorch(int8_model: nn.Module, cfg: CfgNode, directory: str | Path, fo
     """
     require_pt2e()
     directory = Path(directory)
-    regions = active_regions(int8_model)
-    programs = {module.region: module for module in exported_regions(int8_model)}
+    regions = active_regions(model)
+    programs = {module.region: module for module in exported_regions(model)}
     missing = [region.name for region in regions if region.name not in programs or not programs[region.name].converted]
-    if missing:
+    if programs and missing:
         raise ValueError(f"regions {missing} are not converted PT2E programs: export the int8 model of "
-                         "fnl.qat.pt2e.convert_pt2e_model (fnl-quantize --engine pt2e)")
-    paths = region_files(directory, int8_model)
+                         "fnl.qat.pt2e.convert_pt2e_model (fnl-quantize --engine pt2e), or a float32 model")
+    precision = "int8" if programs else "float32"
+    paths = region_files(directory, model)
     for path in [*paths, directory / MANIFEST]:
         refuse_overwrite(path, force)
     heads = cfg.MODEL
@@ -152,9 +215,9 @@ def to_executorch(int8_model: nn.Module, cfg: CfgNode, directory: str | Path, fo
     max_rois = {"box_head": min(heads.RPN.POST_NMS_TOPK_TEST * len(heads.RPN.IN_FEATURES), MAX_PLANNED_ROIS),
                 "densepose_head": min(heads.ROI_HEADS.DETECTIONS_PER_IMAGE, MAX_PLANNED_ROIS)}
     entries = []
-    with eval_mode(int8_model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for region, path in zip(regions, paths, strict=True):
-            captures = region_captures(int8_model, cfg, max_size=cfg.INPUT.MAX_SIZE_TEST, batch=1,
+            captures = region_captures(model, cfg, max_size=cfg.INPUT.MAX_SIZE_TEST, batch=1,
                                        max_rois=max_rois.get(region.name, 1))
             args, dynamic_shapes = captures[region.name].args, captures[region.name].dynamic_shapes
             entry: dict[str, Any] = {"name": region.name, "modules": list(region.modules), "file": path.name}
@@ -163,12 +226,17 @@ def to_executorch(int8_model: nn.Module, cfg: CfgNode, directory: str | Path, fo
             if region.entry == IMAGE:
                 entry["image_size"] = list(image_size or program_image_size(cfg))
                 args, dynamic_shapes = (torch.zeros(1, 3, *entry["image_size"]),), None
-            buffer, in_spec, out_spec = lower_to_xnnpack(programs[region.name].program, args, dynamic_shapes)
+            if programs:
+                program = programs[region.name].program
+            else:
+                program = capture_region(model, region, RegionCapture(args, dynamic_shapes))
+            buffer, in_spec, out_spec = lower_to_xnnpack(program, args, dynamic_shapes, region.name)
             write_bytes_atomic(path, buffer)
             entries.append({**entry, "inputs": pytree.treespec_dumps(in_spec),
                             "outputs": pytree.treespec_dumps(out_spec)})
-    write_json_atomic(directory / MANIFEST, {"format": FORMAT, "config": cfg.dump(), "regions": entries})
-    return ExecuTorchExport(directory, paths)
+    write_json_atomic(directory / MANIFEST, {"format": FORMAT, "precision": precision, "config": cfg.dump(),
+                                             "regions": entries})
+    return ExecuTorchExport(directory, paths, precision)
 
 
 class ExecuTorchRegion(nn.Module):
@@ -243,8 +311,8 @@ def _set_threads(threads: int) -> None:
 
 
 class ExecuTorchPredictor(GraphPredictor):
-    """list[dict] -> list[dict] as ``GeneralizedRCNN`` in eval mode, the int8 regions run by ExecuTorch (XNNPACK,
-    ``threads`` threads) and the float glue by the model's own code on torch."""
+    """list[dict] -> list[dict] as ``GeneralizedRCNN`` in eval mode, the regions (int8, or float32: ``precision``)
+    run by ExecuTorch (XNNPACK, ``threads`` threads) and the float glue by the model's own code on torch."""
 
     def __init__(self, directory: str | Path, threads: int = 2) -> None:
         require_pt2e()
@@ -255,6 +323,7 @@ class ExecuTorchPredictor(GraphPredictor):
         cfg = stored_config(manifest["config"], source=f"{self.directory / MANIFEST}")
         cfg.MODEL.DEVICE = "cpu"
         self.cfg = cfg.freeze()
+        self.precision = manifest.get("precision", "int8")  # exports before float32 ones were all int8
         _set_threads(threads)
         model = build_model(self.cfg).eval()
         runtime = Runtime.get()
@@ -301,29 +370,38 @@ def verify_executorch(model: nn.Module, predictor: ExecuTorchPredictor, images: 
     return verify_predictor(model, predictor, images, criteria)
 
 
+def executorch_row_name(precision: str, method: str) -> str:
+    """The name of an ExecuTorch export's report row, e.g. "ExecuTorch int8 (PT2E QAT, XNNPACK)"."""
+    if precision == "float32":
+        return "ExecuTorch float32 (XNNPACK)"
+    return f"ExecuTorch int8 (PT2E {method.upper()}, XNNPACK)"
+
+
 def executorch_row(directory: str | Path, cfg: CfgNode, method: str, threads: int = 2,
-                   name: str | None = None) -> tuple[ReportRow, dict]:
-    """The report row of an ExecuTorch export (format "executorch", precision "int8"): size of its .pte files, box
-    and DensePose AP on the test split of ``cfg``, latency per image through the ExecuTorch runtime (``threads``
-    XNNPACK threads; the float glue on torch's threads as set by the caller), with fnl.engine.benchmark.measure."""
+                   name: str | None = None, dataset_dicts: list[dict] | None = None) -> tuple[ReportRow, dict]:
+    """The report row of an ExecuTorch export (format "executorch", its precision): size of its .pte files, box
+    and DensePose AP on the test split of ``cfg`` (or ``dataset_dicts``), latency per image through the ExecuTorch
+    runtime (``threads`` XNNPACK threads; the float glue on torch's threads as set by the caller), with
+    fnl.engine.benchmark.measure."""
     predictor = ExecuTorchPredictor(directory, threads)
     size = sum(file_megabytes(path) for path in predictor.files)
-    return measure(name or f"ExecuTorch int8 (PT2E {method.upper()}, XNNPACK)", "executorch", "int8", method,
-                   predictor, cfg, size)
+    return measure(name or executorch_row_name(predictor.precision, method), "executorch", predictor.precision,
+                   method, predictor, cfg, size, dataset_dicts=dataset_dicts)
 
 
-EXECUTORCH_DIR, EXECUTORCH_PTQ_DIR = "executorch", "executorch_ptq"
+EXECUTORCH_DIR, EXECUTORCH_PTQ_DIR, EXECUTORCH_FLOAT_DIR = "executorch", "executorch_ptq", "executorch_fp32"
 
 
 def export_executorch_and_report(quantize_dir: str | Path, export_dir: str | Path, data_root: str | Path,
                                  threads: int = 2, verify_images: int = 8, force: bool = False,
                                  input_size: int | None = None) -> dict[str, Any]:
     """From a ``fnl-quantize --engine pt2e`` directory (model_fp32.pth, model_pt2e.pth, and model_pt2e_ptq.pth
-    when QAT ran with its PTQ baseline): lower each PT2E int8 model (``export_dir/executorch``, the baseline to
-    ``export_dir/executorch_ptq``), verify it against its PyTorch PT2E model (``INT8`` criteria on the first test
-    images, AP on the test split) and write report.json / .md / .png with rows measured the same way
-    (``fnl.engine.benchmark.measure``): PyTorch float32, then per int8 model PyTorch int8 (PT2E) and ExecuTorch int8
-    (XNNPACK)."""
+    when QAT ran with its PTQ baseline): lower the float32 model (``export_dir/executorch_fp32``, XNNPACK's float32
+    kernels: what int8 is compared against in the same runtime) and each PT2E int8 model (``export_dir/executorch``,
+    the baseline to ``export_dir/executorch_ptq``), verify each against its PyTorch model (``FLOAT32`` / ``INT8``
+    criteria on the first test images, AP on the test split) and write report.json / .md / .png with rows measured
+    the same way (``fnl.engine.benchmark.measure``): PyTorch float32, ExecuTorch float32, then per int8 model PyTorch
+    int8 (PT2E) and ExecuTorch int8 (XNNPACK)."""
     export_dir = Path(export_dir)
     float_checkpoint, pt2e_checkpoint, overrides = quantize_outputs(quantize_dir, PT2E_CHECKPOINT,
                                                                     "fnl-quantize --engine pt2e", data_root,
@@ -337,8 +415,17 @@ def export_executorch_and_report(quantize_dir: str | Path, export_dir: str | Pat
     with torch_threads(threads):
         float_model, cfg = load_model_for_inference(str(float_checkpoint), None, overrides)
         images = split_images(cfg, cfg.DATASETS.TEST[0], verify_images)
-        rows = [measure("PyTorch float32", "pytorch", "float32", "float", float_model, cfg,
-                        file_megabytes(float_checkpoint))[0]]
+        torch_float, torch_float_results = measure("PyTorch float32", "pytorch", "float32", "float", float_model, cfg,
+                                                   file_megabytes(float_checkpoint))
+        written[EXECUTORCH_FLOAT_DIR] = to_executorch(float_model, cfg, export_dir / EXECUTORCH_FLOAT_DIR, force)
+        predictor = ExecuTorchPredictor(written[EXECUTORCH_FLOAT_DIR].directory, threads)
+        verification[EXECUTORCH_FLOAT_DIR] = verify_executorch(float_model, predictor, images, FLOAT32)
+        executorch_float, executorch_float_results = measure(executorch_row_name("float32", "float"), "executorch",
+                                                             "float32", "float", predictor, cfg,
+                                                             written[EXECUTORCH_FLOAT_DIR].size_mb)
+        verification[EXECUTORCH_FLOAT_DIR].rows.extend(ap_rows(torch_float_results, executorch_float_results,
+                                                               FLOAT32))
+        rows = [torch_float, executorch_float]
         for name, checkpoint in exports.items():
             int8_model, _, mode = load_pt2e_checkpoint(checkpoint)
             written[name] = to_executorch(int8_model, cfg, export_dir / name, force)
@@ -346,18 +433,18 @@ def export_executorch_and_report(quantize_dir: str | Path, export_dir: str | Pat
             verification[name] = verify_executorch(int8_model, predictor, images)
             torch_int8, torch_int8_results = measure(f"PyTorch int8 (PT2E {mode.upper()})", "pytorch", "int8", mode,
                                                      int8_model, cfg, None)
-            executorch, executorch_results = measure(f"ExecuTorch int8 (PT2E {mode.upper()}, XNNPACK)",
-                                                     "executorch", "int8", mode, predictor, cfg, written[name].size_mb)
+            executorch, executorch_results = measure(executorch_row_name("int8", mode), "executorch", "int8", mode,
+                                                     predictor, cfg, written[name].size_mb)
             verification[name].rows.extend(ap_rows(torch_int8_results, executorch_results, INT8))
             rows += [torch_int8, executorch]
     sizes = "; ".join(f"`{name}/` {export.size_mb:.2f} MB, {rows[0].size_mb / export.size_mb:.2f}x smaller than the "
                       "float32 checkpoint" for name, export in written.items())
     notes = [
-        "ExecuTorch: one XNNPACK program per int8 region "
+        "ExecuTorch: one XNNPACK program per region "
         f"({', '.join(p.name for p in written[EXECUTORCH_DIR].files)}); the size is their sum ({sizes}); proposal "
         "decoding, NMS and RoIAlign run between them in Python on torch. XNNPACK and torch both run with "
         f"{threads} thread(s).",
-        *(f"Verification of `{name}/` against its PyTorch PT2E int8 model:\n\n```\n{report.table()}\n```"
+        *(f"Verification of `{name}/` against its PyTorch model:\n\n```\n{report.table()}\n```"
           for name, report in verification.items()),
     ]
     extra = {"verification": {name: report.as_dict() for name, report in verification.items()},
