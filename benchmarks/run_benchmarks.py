@@ -7,10 +7,11 @@ input-size sweep (the paper's Table 4) and a people-per-image sweep (Table 5), w
 The ONNX, Caffe2 and ExecuTorch files it exports go to docs/benchmark_export/ (ignored by git).
 
 ``--quantize-dir`` is an fnl-quantize output (model_fp32.pth, model_int8.pth); ``--pt2e-dir`` an fnl-quantize
---engine pt2e one, whose ExecuTorch exports join the headline table. The people-per-image sweep has the ONNX rows
-too (the exported graphs on the same subsets). ``--profile-images N`` adds where the time goes (fnl.export.profile):
-ONNX Runtime's profiler on both ONNX graphs and torch.profiler on both PyTorch models, by operator and by model part,
-on the first N validation images. Figures are measured, never copied.
+--engine pt2e one, whose ExecuTorch exports (XNNPACK float32 and int8) join the headline table. The people-per-image
+sweep has the ONNX and ExecuTorch rows too (the exported graphs and programs on the same subsets).
+``--profile-images N`` adds where the time goes (fnl.export.profile): ONNX Runtime's profiler on both ONNX graphs
+and torch.profiler on both PyTorch models, by operator and by model part, on the first N validation images.
+Figures are measured, never copied.
 """
 
 from __future__ import annotations
@@ -116,12 +117,19 @@ def main() -> None:
                                                       round(path.stat().st_size / 1e6, 3))
                   for (name, path), (precision, method) in zip(onnx_files.items(), kinds, strict=True)}
     if args.pt2e_dir:
-        from fnl.export.executorch import export_executorch_and_report
+        from fnl.export.executorch import ExecuTorchPredictor, export_executorch_and_report
 
-        exported = export_executorch_and_report(args.pt2e_dir, Path(args.output).parent / "benchmark_export" /
-                                                "executorch", data_root, threads=args.threads, force=True,
-                                                input_size=args.size)
-        headline += [ReportRow(**r) for r in exported["rows"] if r["format"] == "executorch"]
+        executorch_dir = Path(args.output).parent / "benchmark_export" / "executorch"
+        exported = export_executorch_and_report(args.pt2e_dir, executorch_dir, data_root, threads=args.threads,
+                                                force=True, input_size=args.size)
+        executorch_rows = [ReportRow(**r) for r in exported["rows"] if r["format"] == "executorch"]
+        headline += executorch_rows
+        # The same programs in the people sweep (float32, then each int8 model: the report's order of rows).
+        float_cfg = next(iter(models.values()))[1]
+        programs = exported["executorch"]
+        graphs.update({(row.name, row.format, row.precision, row.method): (
+            ExecuTorchPredictor(executorch_dir / name, args.threads), float_cfg, programs[name]["size_mb"])
+            for row, name in zip(executorch_rows, programs, strict=True)})
     sections.append(format_report_markdown(headline, args.size, args.threads, f"Model B at {args.size} px"))
     sweep = {}
     for size in args.sizes:
