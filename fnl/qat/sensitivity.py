@@ -296,7 +296,9 @@ class BudgetChoice:
 
 def choose_float_groups(run: SensitivityRun, result: SensitivityResult, max_drop: float) -> BudgetChoice:
     """Greedily make the most sensitive groups float until every metric is within ``max_drop`` points of float32;
-    each step is verified by scoring the mix (``budget/<groups>`` measurements, resumable like the others)."""
+    each step is verified by scoring the mix (``budget/<groups>`` measurements, resumable like the others). When no
+    step gets within the budget, the mix that came closest is chosen (more float groups can score worse: PTQ
+    calibrates each mix anew), and ``within_budget`` says it is not within."""
     if not math.isfinite(max_drop) or max_drop < 0:
         raise InvalidArgumentError(f"--max-ap-drop must be a non-negative number of AP points, got {max_drop}")
     reference = result.float_scores.scores
@@ -312,6 +314,8 @@ def choose_float_groups(run: SensitivityRun, result: SensitivityResult, max_drop
         current = result.all_but[order[0]] if len(order) == 1 else run.measure("budget/" + "+".join(order), order)
         steps.append(current)
     within = drop(reference, current.scores, result.metrics) <= max_drop
+    if not within:
+        current = min(steps, key=lambda step: drop(reference, step.scores, result.metrics))
     return BudgetChoice(max_drop, list(current.float_groups), list(current.float_modules), current, steps, within)
 
 
@@ -338,7 +342,7 @@ def format_sensitivity_table(result: SensitivityResult) -> str:
 def format_budget(choice: BudgetChoice, metrics: Sequence[str]) -> str:
     scores = ", ".join(f"{m} {choice.verified.scores[m]:.2f}" for m in metrics)
     groups = ", ".join(choice.float_groups) or "none"
-    verdict = "within" if choice.within_budget else "NOT within (every group tried)"
+    verdict = "within" if choice.within_budget else "NOT within (every group tried; the closest mix is chosen)"
     islands = "\n".join(f"  - {module}" for module in choice.float_modules) or "  []"
     return (f"AP budget {choice.max_drop} points: float groups {groups}; the mix scores {scores}, {verdict} the "
             f"budget after {len(choice.steps) - 1} verified step(s). Written to the output config as:\n\n"

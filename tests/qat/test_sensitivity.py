@@ -18,7 +18,9 @@ import torch
 
 from fnl.qat.sensitivity import (
     LayerGroup,
+    Measurement,
     MeasurementStore,
+    SensitivityResult,
     SensitivityRun,
     choose_float_groups,
     evaluator_scorer,
@@ -149,6 +151,37 @@ def test_a_group_naming_no_module_is_refused_in_one_line(gate_model, tmp_path):
 def test_a_negative_budget_is_refused():
     with pytest.raises(ValueError, match="non-negative number of AP points"):
         choose_float_groups(None, None, -1.0)  # type: ignore[arg-type]
+
+
+def scored(key: str, float_groups: list[str], densepose_ap: float) -> Measurement:
+    return Measurement(key, float_groups, [f"{g}.module" for g in float_groups],
+                       {"bbox_AP": 50.0, "densepose_AP": densepose_ap})
+
+
+class ScriptedMixes:
+    """A sensitivity run whose mixes score what a table says (what PTQ of model B did: more float groups, worse)."""
+
+    def __init__(self, scores: dict[str, float]) -> None:
+        self.scores, self.measured = scores, []
+
+    def measure(self, key: str, float_groups: list[str]) -> Measurement:
+        self.measured.append(key)
+        return scored(key, float_groups, self.scores[key])
+
+
+def test_a_budget_no_mix_meets_keeps_the_closest_mix_measured_not_the_last():
+    groups = [LayerGroup(name, (f"{name}.module",)) for name in ("a", "b", "c")]
+    result = SensitivityResult(groups, scored("float", [], 15.5), scored("int8", [], 14.9),
+                               only={g.name: scored(f"only/{g.name}", [], 15.4) for g in groups},
+                               all_but={"a": scored("all_but/a", ["a"], 15.1), "b": scored("all_but/b", ["b"], 15.0),
+                                        "c": scored("all_but/c", ["c"], 14.95)})
+    run = ScriptedMixes({"budget/a+b": 15.25, "budget/a+b+c": 14.8})
+    choice = choose_float_groups(run, result, 0.2)  # type: ignore[arg-type]
+    assert run.measured == ["budget/a+b", "budget/a+b+c"]  # every group was tried
+    assert not choice.within_budget
+    assert choice.float_groups == ["a", "b"] and choice.float_modules == ["a.module", "b.module"]
+    assert choice.verified.scores["densepose_AP"] == 15.25
+    assert choose_float_groups(ScriptedMixes({"budget/a+b": 15.35}), result, 0.2).within_budget  # type: ignore[arg-type]
 
 
 def test_numerics_match_fused_layers_by_name_and_find_the_fragile_layer_worst(fragile_setup):
