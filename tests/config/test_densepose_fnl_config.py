@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from config_testing import write_user_config
 
 from fnl.config import ConfigError, load_config
 from fnl.config.densepose_fnl import is_densepose_fnl_config, load_densepose_fnl_config
@@ -53,11 +54,8 @@ def test_upstream_variants_fnl_does_not_build_are_refused_naming_key_and_file(co
 
 def _user_config(tmp_path: Path, body: str) -> Path:
     """A user's config on top of the upstream model B config, as DensePoseFnL's configs chain."""
-    for name in ("Base-DensePose-RCNN-FPN.yaml", "DensePose-Parsing-RCNN-FPN.yaml", "mobile_parsing_rcnn_b_s3x.yaml"):
-        (tmp_path / name).write_text((UPSTREAM / name).read_text())
-    path = tmp_path / "mine.yaml"
-    path.write_text('_BASE_: "mobile_parsing_rcnn_b_s3x.yaml"\n' + body)
-    return path
+    return write_user_config(tmp_path, UPSTREAM, ("Base-DensePose-RCNN-FPN.yaml", "DensePose-Parsing-RCNN-FPN.yaml",
+                                                  "mobile_parsing_rcnn_b_s3x.yaml"), body)
 
 
 @pytest.mark.parametrize(("body", "message"), [

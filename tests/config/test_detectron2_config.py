@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
+from config_testing import write_user_config
 
 from fnl.config import ConfigError, load_config
 from fnl.config.detectron2 import is_detectron2_config, load_detectron2_config
@@ -43,10 +43,7 @@ def test_upstream_r101_config_builds_a_resnet101():
 
 
 def user_config(tmp_path: Path, body: str) -> Path:
-    shutil.copy(UPSTREAM / "Base-DensePose-RCNN-FPN.yaml", tmp_path)
-    path = tmp_path / "mine.yaml"
-    path.write_text('_BASE_: "Base-DensePose-RCNN-FPN.yaml"\n' + body)
-    return path
+    return write_user_config(tmp_path, UPSTREAM, ("Base-DensePose-RCNN-FPN.yaml",), body)
 
 
 @pytest.mark.parametrize(("body", "message"), [
