@@ -40,7 +40,7 @@ from fnl.engine.backends import XNNPACK
 from fnl.engine.benchmark import measure
 from fnl.engine.report import REPORT_JSON, ReportRow, file_megabytes, write_report
 from fnl.export.onnx import ExportableRCNN
-from fnl.export.pipeline import quantize_outputs, split_images, torch_threads
+from fnl.export.pipeline import quantize_outputs, split_images
 from fnl.export.runtime import GraphPredictor
 from fnl.export.verify import FLOAT32, INT8, Criteria, VerificationReport, ap_rows, verify_predictor
 from fnl.modeling import build_model
@@ -58,7 +58,7 @@ from fnl.qat.regions import RegionCapture, region_captures, run_per_level
 from fnl.qat.serialization import load_model_for_inference
 from fnl.utils.errors import InvalidArgumentError, UserError
 from fnl.utils.io import refuse_overwrite, write_bytes_atomic, write_json_atomic
-from fnl.utils.modules import eval_mode
+from fnl.utils.modules import eval_mode, torch_threads
 
 logger = logging.getLogger("fnl")
 
