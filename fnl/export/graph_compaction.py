@@ -9,6 +9,17 @@ ONNX Runtime fuses into int8 kernels. ``compact_graph`` removes all of it withou
 
 - identity ``Cast`` nodes are dropped (their consumers read the input instead);
 - ``Constant`` nodes and ``ConstantOfShape`` of a constant shape become initializers, identical ones stored once;
+- a multiply by a constant scalar between DequantizeLinear and QuantizeLinear that only rescales (the BiFPN fusion
+  weights: torch's quantized ``mul_scalar`` keeps the integers and multiplies the scale) is dropped with its
+  QuantizeLinear, whose readers read the integers it would have rewritten unchanged. ONNX Runtime has no int8
+  kernel for it and ran a float Mul between a dequantize and a quantize, ~5% of model B's int8 time;
+- ``Shape`` of a dequantized tensor reads the quantized one (the same shape): a DequantizeLinear read only by
+  ``Shape`` (42 in model B, the sizes the neck resizes to and the poolers' level sizes) dequantized a whole
+  feature map for nothing;
+- an int8 depthwise conv whose channel count is not a multiple of 16 (spnasnet's 72 and 120) gets zero channels up
+  to the next multiple, in the conv before it and the conv after it too (zero weights and biases: every value the
+  graph computed is unchanged). ONNX Runtime's int8 depthwise kernel runs the last ``C % 16`` channels in a slow
+  loop: a 72-channel 3x3 depthwise conv took 0.82 ms at 128 x 128, a 64-channel one 0.26;
 - transposed convs reading the same input with the same attributes (the DensePose predictor's four) become one
   ConvTranspose whose output channels are theirs, split after: ONNX Runtime's ConvTranspose pays per node, and the
   merged one runs ~20% faster. Int8 weights stay int8 (their per-tensor scales become one per-channel scale);
@@ -54,6 +65,11 @@ def compact_graph(model: onnx.ModelProto) -> onnx.ModelProto:
         else:
             nodes.append(node)
 
+    nodes = _without_requantizing_scalar_muls(nodes, constants, aliases, kept_names)
+    for node in nodes:
+        node.input[:] = [resolve(name) for name in node.input]
+    nodes = _shapes_read_before_dequantize(nodes, kept_names)
+    _pad_int8_depthwise_channels(nodes, constants, kept_names)
     nodes = _merged_conv_transposes(nodes, constants, kept_names)
     used = {resolve(name) for name in _inputs_read(nodes)} | kept_names
     initializers = _deduplicated([tensor for name, tensor in constants.items() if name in used], aliases)
@@ -173,6 +189,197 @@ def _rename(nodes: Iterable[onnx.NodeProto], resolve, short_names: _ShortNames, 
                 tensor.name = short_names(tensor.name)
             del subgraph.value_info[:]
             _rename(subgraph.node, resolve, short_names)
+
+
+def _producers_and_readers(nodes: list[onnx.NodeProto]
+                           ) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
+    """The node writing each value, and the nodes reading it."""
+    producers = {output: node for node in nodes for output in node.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in nodes:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return producers, readers
+
+
+def _shapes_read_before_dequantize(nodes: list[onnx.NodeProto], graph_outputs: set[str]) -> list[onnx.NodeProto]:
+    """``nodes`` with each ``Shape`` that reads a DequantizeLinear's output reading its input instead (dequantizing
+    keeps the shape), and the DequantizeLinear nodes nobody reads any more dropped."""
+    producers = {output: node for node in nodes for output in node.output}
+    changed = False
+    for node in nodes:
+        source = producers.get(node.input[0]) if node.op_type == "Shape" else None
+        if source is not None and source.op_type == "DequantizeLinear":
+            node.input[0] = source.input[0]
+            changed = True
+    return _without_dead_dequantize(nodes, graph_outputs) if changed else nodes
+
+
+def _without_requantizing_scalar_muls(nodes: list[onnx.NodeProto], constants: dict[str, onnx.TensorProto],
+                                      aliases: dict[str, str], graph_outputs: set[str]) -> list[onnx.NodeProto]:
+    """``nodes`` without each DequantizeLinear -> Mul(constant scalar) -> QuantizeLinear chain whose QuantizeLinear
+    gives back every integer it is fed (checked for all 256 uint8 values, as ONNX Runtime computes them): its output
+    becomes an alias (in ``aliases``) of the DequantizeLinear's input. DequantizeLinear nodes left unread go."""
+    producers, readers = _producers_and_readers(nodes)
+    dropped: set[int] = set()
+    for node in nodes:
+        if node.op_type != "QuantizeLinear" or node.output[0] in graph_outputs:
+            continue
+        mul = producers.get(node.input[0])
+        if mul is None or mul.op_type != "Mul" or len(readers.get(mul.output[0], [])) != 1:
+            continue
+        dequantize = producers.get(mul.input[0])
+        factor = constants.get(mul.input[1])
+        if dequantize is None or dequantize.op_type != "DequantizeLinear" or factor is None:
+            continue
+        if _rescales_exactly(dequantize, numpy_helper.to_array(factor), node, constants):
+            aliases[node.output[0]] = dequantize.input[0]
+            dropped.update((id(mul), id(node)))
+    if not dropped:
+        return nodes
+    return _without_dead_dequantize([n for n in nodes if id(n) not in dropped], graph_outputs)
+
+
+def _rescales_exactly(dequantize: onnx.NodeProto, factor: np.ndarray, quantize: onnx.NodeProto,
+                      constants: dict[str, onnx.TensorProto]) -> bool:
+    """Whether QuantizeLinear(DequantizeLinear(q) * factor) == q for every uint8 q: per-tensor uint8 on both sides,
+    one zero point, a positive scalar factor. Checked in float32 both as x / scale and x * (1 / scale) round."""
+    names = [*dequantize.input[1:3], *quantize.input[1:3]]
+    if len(names) != 4 or not all(name in constants for name in names) or factor.size != 1:
+        return False
+    scale, zero_point, new_scale, new_zero_point = (numpy_helper.to_array(constants[name]) for name in names)
+    if (zero_point.dtype != np.uint8 or new_zero_point.dtype != np.uint8 or scale.size != 1 or new_scale.size != 1
+            or zero_point.reshape(()) != new_zero_point.reshape(()) or not factor.reshape(()) > 0):
+        return False
+    integers = np.arange(256, dtype=np.float32)
+    zero = np.float32(zero_point.reshape(()))
+    values = (integers - zero) * np.float32(scale.reshape(())) * np.float32(factor.reshape(()))
+    new_scale = np.float32(new_scale.reshape(()))
+    return all(np.array_equal(np.clip(np.rint(scaled) + zero, 0, 255), integers)
+               for scaled in (values / new_scale, values * (np.float32(1) / new_scale)))
+
+
+# ONNX Runtime's int8 depthwise conv kernel handles channels in blocks of this many (measured: see the docstring).
+_DEPTHWISE_CHANNEL_BLOCK = 16
+# Nodes that may sit between two convs of a quantized chain without looking at the channel count.
+_PER_TENSOR_STEPS = ("Relu", "Clip", "QuantizeLinear", "DequantizeLinear")
+
+
+def _pad_int8_depthwise_channels(nodes: list[onnx.NodeProto], constants: dict[str, onnx.TensorProto],
+                                 graph_outputs: set[str]) -> None:
+    """Give each int8 depthwise conv of C channels (C % 16 != 0) zero channels up to the next multiple of 16, with
+    the conv that feeds it (more zero output channels) and the conv it feeds (zero input weights), when a chain of
+    single readers through per-tensor Relu / Clip / QuantizeLinear / DequantizeLinear joins the three. The extra
+    channels are 0 after the first conv and contribute 0 to the third, so the graph's values stay the same. Weights
+    and biases must be DequantizeLinear of constants (int8 graphs); new constants go into ``constants``."""
+    producers, readers = _producers_and_readers(nodes)
+
+    def conv_before(value: str) -> onnx.NodeProto | None:
+        """The conv whose output alone reaches ``value`` through single-reader per-tensor steps."""
+        while (len(readers.get(value, [])) == 1 and value not in graph_outputs
+               and (node := producers.get(value)) is not None):
+            if node.op_type == "Conv":
+                return node
+            if node.op_type not in _PER_TENSOR_STEPS or _per_channel(node, constants):
+                return None
+            value = node.input[0]
+        return None
+
+    def convs_after(value: str) -> list[onnx.NodeProto] | None:
+        """The convs every reader of ``value`` reaches as their input through per-tensor steps, or None when a
+        path ends anywhere else (the graph's output, an Add, a weight input)."""
+        if value in graph_outputs:
+            return None
+        following = readers.get(value, [])
+        found: list[onnx.NodeProto] = []
+        for node in following:
+            if node.op_type == "Conv" and node.input[0] == value:
+                found.append(node)
+                continue
+            further = None
+            if node.op_type in _PER_TENSOR_STEPS and not _per_channel(node, constants):
+                further = convs_after(node.output[0])
+            if further is None:
+                return None
+            found.extend(further)
+        return found or None
+
+    for conv in [node for node in nodes if node.op_type == "Conv"]:
+        channels = _attribute(conv, "group", 1)
+        if channels % _DEPTHWISE_CHANNEL_BLOCK == 0 or channels < _DEPTHWISE_CHANNEL_BLOCK or len(conv.input) != 3:
+            continue
+        before, after = conv_before(conv.input[0]), convs_after(conv.output[0])
+        if before is None or after is None or any(_attribute(n, "group", 1) != 1 for n in (before, *after)):
+            continue
+        padded = -(-channels // _DEPTHWISE_CHANNEL_BLOCK) * _DEPTHWISE_CHANNEL_BLOCK
+        edits = [(before, 1, 0), (before, 2, 0), (conv, 1, 0), (conv, 2, 0), *((n, 1, 1) for n in after)]
+        quantized = [_quantized_constant(node.input[index], producers, constants) for node, index, _ in edits]
+        if any(q is None or q[0].shape[axis] != channels or len(readers[node.input[index]]) != 1
+               or not _zero_point_paddable(q[1], axis, constants)
+               for q, (node, index, axis) in zip(quantized, edits, strict=True)):
+            continue
+        for (_, _, axis), dequantize in zip(edits, quantized, strict=True):
+            _pad_dequantized_constant(dequantize[1], axis, padded, constants)
+        for attribute in conv.attribute:
+            if attribute.name == "group":
+                attribute.i = padded
+
+
+def _attribute(node: onnx.NodeProto, name: str, default: int) -> int:
+    return next((attribute.i for attribute in node.attribute if attribute.name == name), default)
+
+
+def _per_channel(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -> bool:
+    """Whether a QuantizeLinear / DequantizeLinear node has a scale per channel (or one not a constant)."""
+    if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+        return False
+    scale = constants.get(node.input[1])
+    return scale is None or len(scale.dims) > 0 and int(np.prod(scale.dims)) > 1
+
+
+def _quantized_constant(name: str, producers: dict[str, onnx.NodeProto], constants: dict[str, onnx.TensorProto]
+                        ) -> tuple[np.ndarray, onnx.NodeProto] | None:
+    """(integer values, the DequantizeLinear node) of a value that is DequantizeLinear of constants, else None."""
+    node = producers.get(name)
+    if node is None or node.op_type != "DequantizeLinear" or not all(i in constants for i in node.input):
+        return None
+    return numpy_helper.to_array(constants[node.input[0]]), node
+
+
+def _zero_point_paddable(dequantize: onnx.NodeProto, axis: int, constants: dict[str, onnx.TensorProto]) -> bool:
+    """Whether the zero point of new entries along ``axis`` is defined: one zero point, one per channel along that
+    axis, or the same for every channel of another axis."""
+    if len(dequantize.input) < 3:
+        return True
+    zero_point = numpy_helper.to_array(constants[dequantize.input[2]])
+    return zero_point.size == 1 or _attribute(dequantize, "axis", 1) == axis or np.unique(zero_point).size == 1
+
+
+def _pad_dequantized_constant(dequantize: onnx.NodeProto, axis: int, size: int,
+                              constants: dict[str, onnx.TensorProto]) -> None:
+    """Pad what a DequantizeLinear reads to ``size`` along ``axis`` so the new entries dequantize to exactly 0: a scale
+    and zero point per channel along that axis repeat their last channel's (ONNX Runtime fuses a conv into an int8
+    kernel only while bias scale = input scale x weight scale per channel, which the repeat keeps), the integers are
+    filled with the zero point. New constants under new names: constants other nodes share stay as they are."""
+    inputs = list(dequantize.input)
+    values = numpy_helper.to_array(constants[inputs[0]])
+    zero_point = numpy_helper.to_array(constants[inputs[2]]) if len(inputs) > 2 else np.zeros((), values.dtype)
+    per_channel = _attribute(dequantize, "axis", 1) == axis and zero_point.size > 1
+
+    def padded(array: np.ndarray, pad_axis: int, fill: np.ndarray | None) -> np.ndarray:
+        widths = [(0, size - array.shape[pad_axis]) if k == pad_axis else (0, 0) for k in range(array.ndim)]
+        if fill is None:
+            return np.pad(array, widths, mode="edge")
+        return np.pad(array, widths, constant_values=fill.reshape(-1)[-1]).astype(array.dtype)
+
+    arrays = {0: padded(values, axis, zero_point)}
+    if per_channel:
+        arrays.update({position: padded(numpy_helper.to_array(constants[inputs[position]]), 0, None)
+                       for position in (1, 2)})
+    for position, array in arrays.items():
+        name = f"{inputs[position]}_padded{size}_{dequantize.output[0]}"
+        constants[name] = numpy_helper.from_array(array, name)
+        dequantize.input[position] = name
 
 
 def _merged_conv_transposes(nodes: list[onnx.NodeProto], constants: dict[str, onnx.TensorProto],

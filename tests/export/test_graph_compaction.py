@@ -13,14 +13,16 @@ from fnl.export.onnx import to_onnx
 from fnl.export.runtime import INPUT_NAME
 
 
-def _run(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Outputs of ONNX Runtime running the graph's own nodes. Without graph optimizations, a compacted graph and the
-    exporter's run the same kernels node for node, so their outputs must be equal bit for bit on any CPU; with them,
-    ONNX Runtime decides per graph whether a QDQ pair becomes an int8 kernel (the identity casts that compaction drops
-    can stop that fusion), and an int8 kernel rounds otherwise than a float one."""
+def _run(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray], optimized: bool = False) -> list[np.ndarray]:
+    """Outputs of ONNX Runtime running the graph's own nodes (``optimized``: as deployed, int8 kernels fused).
+    Without graph optimizations, a compacted graph and the exporter's run the same kernels node for node, so their
+    outputs must be equal bit for bit on any CPU; with them, ONNX Runtime decides per graph whether a QDQ pair becomes
+    an int8 kernel (the identity casts that compaction drops can stop that fusion), and an int8 kernel rounds
+    otherwise than a float one: ``optimized`` compares graphs whose int8 kernels are meant to match."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"]).run(None, feeds)
 
@@ -210,3 +212,126 @@ def test_a_transposed_conv_with_other_attributes_stays_apart():
     x = np.ones((1, 4, 6, 6), np.float32)
     for ours, before in zip(_run(compacted, {"x": x}), _run(model, {"x": x}), strict=True):
         np.testing.assert_array_equal(ours, before)
+
+
+class _QuantizedGraph:
+    """A QDQ graph under construction, as torch.onnx writes eager int8 models: uint8 activations quantized per
+    tensor, int8 conv weights and int32 biases per output channel (bias scale = input scale x weight scale)."""
+
+    def __init__(self, channels: int, size: int = 12) -> None:
+        self.rng = np.random.default_rng(0)
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.input = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, size, size])
+        self.counter = 0
+        self.value, self.scale = self.quantize("x", 0.05, 128), 0.05
+
+    def constant(self, value: np.ndarray) -> str:
+        self.counter += 1
+        name = f"c{self.counter}"
+        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def node(self, op_type: str, inputs: list[str], **attributes) -> str:
+        self.counter += 1
+        output = f"v{self.counter}"
+        self.nodes.append(helper.make_node(op_type, inputs, [output], **attributes))
+        return output
+
+    def quantize(self, value: str, scale: float, zero_point: int) -> str:
+        """value -> QuantizeLinear -> DequantizeLinear (what the next node reads)."""
+        args = [self.constant(np.array(scale, np.float32)), self.constant(np.array(zero_point, np.uint8))]
+        quantized = self.node("QuantizeLinear", [value, *args])
+        return self.node("DequantizeLinear", [quantized, *args])
+
+    def conv(self, source: str, out_channels: int, in_channels: int, group: int = 1, relu: bool = True,
+             scale: float = 0.08) -> str:
+        kernel = 3 if group > 1 else 1
+        weight = self.rng.integers(-127, 128, (out_channels, in_channels // group, kernel, kernel)).astype(np.int8)
+        weight_scale = self.rng.uniform(0.002, 0.01, out_channels).astype(np.float32)
+        bias = self.rng.integers(-2000, 2000, out_channels).astype(np.int32)
+        weight_value = self.node("DequantizeLinear", [self.constant(weight), self.constant(weight_scale),
+                                                      self.constant(np.zeros(out_channels, np.int8))], axis=0)
+        bias_value = self.node("DequantizeLinear", [self.constant(bias), self.constant(weight_scale * self.scale),
+                                                    self.constant(np.zeros(out_channels, np.int32))], axis=0)
+        out = self.node("Conv", [source, weight_value, bias_value], group=group, kernel_shape=[kernel, kernel],
+                        pads=[kernel // 2] * 4)
+        if relu:
+            out = self.node("Relu", [out])
+        self.scale = scale
+        return self.quantize(out, scale, 0 if relu else 100)
+
+    def model(self, outputs: list[str], shape_output: str = "") -> onnx.ModelProto:
+        """The graph with float feature-map ``outputs`` and, with ``shape_output``, one int64 shape output."""
+        values = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["n", "c", "h", "w"]) for name in outputs]
+        if shape_output:
+            values.append(helper.make_tensor_value_info(shape_output, TensorProto.INT64, [4]))
+        graph = helper.make_graph(self.nodes, "quantized", [self.input], values, initializer=self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        onnx.checker.check_model(model, full_check=True)
+        return model
+
+
+def _assert_same_outputs(compacted: onnx.ModelProto, model: onnx.ModelProto, x: np.ndarray) -> None:
+    """Bit for bit, node by node and with ONNX Runtime's int8 kernels fused."""
+    for optimized in (False, True):
+        for ours, before in zip(_run(compacted, {"x": x}, optimized), _run(model, {"x": x}, optimized), strict=True):
+            np.testing.assert_array_equal(ours, before)
+
+
+def _groups(model: onnx.ModelProto) -> list[int]:
+    return [next((a.i for a in n.attribute if a.name == "group"), 1) for n in model.graph.node if n.op_type == "Conv"]
+
+
+@pytest.mark.parametrize("channels", [72, 120])
+def test_int8_depthwise_convs_get_zero_channels_up_to_a_multiple_of_16_with_the_same_outputs(channels):
+    """spnasnet's inverted residual: expand 1x1 -> depthwise 3x3 -> project 1x1, its depthwise output also read by
+    another 1x1 conv (a feature the neck takes); every reader of the padded channels is padded with zero weights."""
+    graph = _QuantizedGraph(8)
+    expanded = graph.conv(graph.value, channels, 8)
+    depthwise = graph.conv(expanded, channels, channels, group=channels)
+    projected = graph.conv(depthwise, 8, channels, relu=False)
+    lateral = graph.conv(depthwise, 16, channels)
+    model = graph.model([projected, lateral])
+    compacted = compact_graph(model)
+    onnx.checker.check_model(compacted, full_check=True)
+    assert _groups(compacted) == [1, -(-channels // 16) * 16, 1, 1]
+    x = graph.rng.normal(size=(1, 8, 12, 12)).astype(np.float32)
+    _assert_same_outputs(compacted, model, x)
+
+
+def test_a_depthwise_conv_whose_output_reaches_more_than_convs_keeps_its_channels():
+    graph = _QuantizedGraph(8)
+    depthwise = graph.conv(graph.conv(graph.value, 72, 8), 72, 72, group=72)
+    model = graph.model([graph.conv(depthwise, 8, 72), depthwise])  # the depthwise output is also a graph output
+    assert _groups(compact_graph(model)) == [1, 72, 1]
+
+
+def test_a_scalar_multiply_that_only_rescales_int8_values_is_dropped_with_the_same_outputs():
+    """torch's quantized mul_scalar (BiFPN fusion weights): DequantizeLinear -> Mul(c) -> QuantizeLinear at scale x c
+    gives back the integers it was fed. A multiply whose QuantizeLinear rounds (another scale) stays."""
+    graph = _QuantizedGraph(4)
+    source = graph.conv(graph.value, 4, 4)
+    rescaled = graph.node("Mul", [source, graph.constant(np.array(0.3712, np.float32))])
+    exact = graph.node("DequantizeLinear", [graph.node("QuantizeLinear", [
+        rescaled, graph.constant(np.array(np.float32(0.08) * np.float32(0.3712), np.float32)),
+        graph.constant(np.array(0, np.uint8))]), graph.initializers[-2].name, graph.initializers[-1].name])
+    other = graph.node("Mul", [source, graph.constant(np.array(0.5, np.float32))])
+    rounded = graph.quantize(other, 0.03, 0)
+    model = graph.model([exact, rounded])
+    compacted = compact_graph(model)
+    op_types, before = ([node.op_type for node in m.graph.node] for m in (compacted, model))
+    assert op_types.count("Mul") == 1 and op_types.count("QuantizeLinear") == before.count("QuantizeLinear") - 1
+    _assert_same_outputs(compacted, model, graph.rng.normal(size=(1, 4, 12, 12)).astype(np.float32) * 3)
+
+
+def test_shape_of_a_dequantized_tensor_reads_the_integers_and_the_dequantize_goes():
+    graph = _QuantizedGraph(4)
+    source = graph.conv(graph.value, 4, 4)
+    dequantize = graph.nodes[-1]
+    shape = graph.node("Shape", [graph.node("DequantizeLinear", list(dequantize.input))])
+    model = graph.model([source], shape_output=shape)
+    compacted = compact_graph(model)
+    assert [n.op_type for n in compacted.graph.node].count("DequantizeLinear") == \
+        [n.op_type for n in model.graph.node].count("DequantizeLinear") - 1
+    _assert_same_outputs(compacted, model, graph.rng.normal(size=(1, 4, 12, 12)).astype(np.float32))
