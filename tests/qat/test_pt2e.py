@@ -19,9 +19,14 @@ from fnl.qat.pt2e import (  # noqa: E402
     ExportedRegion,
     MergedIntoRegion,
     capture_region,
+    convert_pt2e_model,
     exported_regions,
+    load_pt2e_checkpoint,
+    prepare_pt2e_model,
+    save_pt2e_checkpoint,
 )
 from fnl.qat.regions import region_captures  # noqa: E402
+from fnl.qat.serialization import TRANSPOSED_CONVS_KEY  # noqa: E402
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 TAPS = ["blocks.1.2.conv_pwl", "blocks.2.3.conv_pwl", "blocks.4.3.conv_pwl", "blocks.6.0.conv_pwl"]
@@ -115,6 +120,38 @@ def test_pt2e_qat_runs_the_same_loop_freezes_and_converts(tiny_cfg, tmp_path):
         out = result.int8_model([{"image": image}])[0]
     assert set(out) == {"boxes", "scores", "classes", "densepose"}
     assert out["densepose"]["fine_segm"].shape[1:] == (25, 64, 64)
+
+
+def _densepose_convs(int8_model: torch.nn.Module) -> list[torch.fx.Node]:
+    region = next(r for r in exported_regions(int8_model) if r.region == "densepose_head")
+    return [n for n in region.program.graph.nodes if n.op == "call_function" and "conv" in str(n.target)]
+
+
+def test_pt2e_qat_quantizes_the_densepose_predictor_as_subpixel_convs_and_reads_files_written_before(
+        float_model, tiny_cfg, tmp_path):
+    """QAT cannot quantize transposed convs (fnl.qat.pt2e.is_transposed_conv): the predictor's become the exact
+    sub-pixel convs, int8 like every other conv. A QAT file written before records nothing and still loads, with
+    its float transposed convs."""
+    prepared = prepare_pt2e_model(float_model, tiny_cfg, "qat")
+    int8_model = convert_pt2e_model(prepared)
+    convs = _densepose_convs(int8_model)
+    assert not any("conv_transpose" in str(n.target) for n in convs)
+    assert all("dequantize" in str(n.args[1].target) for n in convs)  # every weight int8
+    image = torch.randint(0, 256, (3, 128, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    save_pt2e_checkpoint(tmp_path / "qat.pth", prepared, tiny_cfg, "qat")
+    loaded, _, mode = load_pt2e_checkpoint(tmp_path / "qat.pth")
+    with torch.no_grad():
+        expected, got = int8_model([{"image": image}])[0], loaded([{"image": image}])[0]
+    assert mode == "qat" and torch.equal(expected["boxes"], got["boxes"])
+    assert torch.equal(expected["densepose"]["u"], got["densepose"]["u"])
+
+    before = prepare_pt2e_model(float_model, tiny_cfg, "qat", subpixel_predictor=False)
+    save_pt2e_checkpoint(tmp_path / "before.pth", before, tiny_cfg, "qat")
+    data = torch.load(tmp_path / "before.pth", weights_only=True)
+    del data["quantization"][TRANSPOSED_CONVS_KEY]
+    torch.save(data, tmp_path / "before.pth")
+    old, _, _ = load_pt2e_checkpoint(tmp_path / "before.pth")
+    assert sum("conv_transpose" in str(n.target) for n in _densepose_convs(old)) == 4
 
 
 def test_pt2e_refuses_an_eager_backend(tmp_path, capsys):
