@@ -210,7 +210,7 @@ def _producers_and_readers(nodes: list[onnx.NodeProto]
 def _shapes_read_before_dequantize(nodes: list[onnx.NodeProto], graph_outputs: set[str]) -> list[onnx.NodeProto]:
     """``nodes`` with each ``Shape`` that reads a DequantizeLinear's output reading its input instead (dequantizing
     keeps the shape), and the DequantizeLinear nodes nobody reads any more dropped."""
-    producers = {output: node for node in nodes for output in node.output}
+    producers, _ = _producers_and_readers(nodes)
     changed = False
     for node in nodes:
         source = producers.get(node.input[0]) if node.op_type == "Shape" else None
