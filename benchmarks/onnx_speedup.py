@@ -28,7 +28,7 @@ from fnl.engine.report import file_megabytes, machine_info, versions
 from fnl.export.onnx import to_onnx
 from fnl.export.pipeline import split_images
 from fnl.export.profile import format_profiles_markdown, profile_onnx
-from fnl.export.runtime import INPUT_NAME, OnnxPredictor, open_session
+from fnl.export.runtime import INPUT_NAME, OnnxPredictor
 from fnl.qat.serialization import load_model_for_inference
 from fnl.utils.io import write_json_atomic, write_text_atomic
 
@@ -39,9 +39,10 @@ GRAPHS = {"float32": "model_fp32.pth", "int8": "model_int8.pth"}
 def block_latencies(paths: dict[str, Path], images: list[np.ndarray], threads: int, passes: int
                     ) -> dict[str, list[float]]:
     """Milliseconds per image for each graph, sessions alternating in blocks of all ``images`` (see the docstring)."""
-    sessions = {name: open_session(path, threads) for name, path in paths.items()}
-    feeds = {name: [{INPUT_NAME: np.ascontiguousarray(image[None]).astype(OnnxPredictor(path, 1).input_dtype)}
-                    for image in images] for name, path in paths.items()}
+    predictors = {name: OnnxPredictor(path, threads) for name, path in paths.items()}
+    sessions = {name: predictor.session for name, predictor in predictors.items()}
+    feeds = {name: [{INPUT_NAME: np.ascontiguousarray(image[None]).astype(predictor.input_dtype)}
+                    for image in images] for name, predictor in predictors.items()}
     for name, session in sessions.items():
         session.run(None, feeds[name][0])  # warm-up: arena, kernel selection
     times: dict[str, list[float]] = {name: [] for name in paths}
