@@ -395,11 +395,8 @@ def _with_smaller_conv_constants(nodes: list[onnx.NodeProto], constants: dict[st
     decoders: list[onnx.NodeProto] = []
 
     def only_reader(name: str, node: onnx.NodeProto) -> onnx.NodeProto | None:
-        source = producers.get(name)
-        if (source is None or source.op_type != "DequantizeLinear" or readers.get(name) != [node]
-                or not all(i in constants for i in source.input)):
-            return None
-        return source
+        quantized = _quantized_constant(name, producers, constants)
+        return quantized[1] if quantized is not None and readers.get(name) == [node] else None
 
     for conv in [node for node in nodes if node.op_type == "Conv" and len(node.input) == 3]:
         activation, weight, bias = (producers.get(conv.input[0]), only_reader(conv.input[1], conv),
