@@ -127,10 +127,12 @@ def test_fnl_exports_are_compacted_by_default(int8_export):
     assert {node.name.split(".")[0] for node in graph.node} == {"bb", "rpn", "box", "dp", "g"}
     assert len({node.name for node in graph.node}) == len(graph.node)
     # The DensePose predictor's four transposed convs are int8 sub-pixel convs, each with its own output scale (so
-    # not merged as float transposed convs are): four convs, pixel shuffles and crops, no ConvTranspose.
+    # not merged as float transposed convs are): four convs, pixel shuffles and crops, no ConvTranspose. Each pixel
+    # shuffle is int8 and runs channels-last: a Transpose of (N, H, W, 2, 2, C) blocks, no DepthToSpace.
     op_types = [node.op_type for node in graph.node]
-    assert op_types.count("ConvTranspose") == 0 and op_types.count("DepthToSpace") == 4
-    assert all(node.name.startswith("dp.") for node in graph.node if node.op_type == "DepthToSpace")
+    assert op_types.count("ConvTranspose") == 0 and op_types.count("DepthToSpace") == 0
+    shuffles = [node for node in graph.node if node.op_type == "Transpose" and len(node.attribute[0].ints) == 6]
+    assert len(shuffles) == 4 and all(node.name.startswith("dp.") for node in shuffles)
 
 
 @pytest.mark.parametrize("scope", ["/roi_heads/densepose_predictor/module/u_lowres/ConvTranspose",
@@ -218,11 +220,12 @@ class _QuantizedGraph:
     """A QDQ graph under construction, as torch.onnx writes eager int8 models: uint8 activations quantized per
     tensor, int8 conv weights and int32 biases per output channel (bias scale = input scale x weight scale)."""
 
-    def __init__(self, channels: int, size: int = 12) -> None:
+    def __init__(self, channels: int, size: int | tuple[int, int] = 12) -> None:
         self.rng = np.random.default_rng(0)
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
-        self.input = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, size, size])
+        height, width = (size, size) if isinstance(size, int) else size
+        self.input = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, height, width])
         self.counter = 0
         self.value, self.scale = self.quantize("x", 0.05, 128), 0.05
 
@@ -362,3 +365,107 @@ def test_int8_conv_constants_are_stored_smaller_and_still_fuse_into_int8_convs(t
     assert _fused_op_types(compacted, tmp_path).count("QLinearConv") == 2
     assert _fused_op_types(model, tmp_path).count("QLinearConv") == 2
     _assert_same_outputs(compacted, model, graph.rng.normal(size=(1, 8, 12, 12)).astype(np.float32))
+
+
+def _op_types(model: onnx.ModelProto) -> list[str]:
+    return [node.op_type for node in model.graph.node]
+
+
+@pytest.mark.parametrize(("size", "target"), [
+    ((8, 6), (16, 12)),  # the neck's 2x up-sampling
+    ((5, 3), (9, 5)),  # odd sizes: a coarser level of an odd one
+    ((9, 7), (5, 4)),  # down-sampling (the BiFPN's bottom-up path)
+    ((4, 6), (11, 7)),  # any other sizes
+    ((1, 1), (6, 5)),  # a pooled 1 x 1 map spread over a feature map (DensePose head's ASPP)
+])
+@pytest.mark.parametrize("by", ["sizes", "scales"])
+def test_an_int8_nearest_resize_becomes_gathers_in_channels_last_order_with_the_same_outputs(size, target, by):
+    """DequantizeLinear -> Resize(nearest) -> QuantizeLinear of one quantization moves integers only: it becomes
+    Transpose -> Gather rows -> Gather pixels -> Transpose of the integers, whose rows and pixels are the ones a
+    1-D Resize with the node's own attributes picks, so any sizes give the same values."""
+    graph = _QuantizedGraph(4, size)
+    source = graph.conv(graph.value, 16, 4)
+    dequantize = graph.nodes[-1]
+    if by == "sizes":
+        resize_inputs = [source, "", "", graph.constant(np.array([1, 16, *target], np.int64))]
+    else:
+        scales = [np.float32(t) / np.float32(s) for s, t in zip(size, target, strict=True)]
+        resize_inputs = [source, "", graph.constant(np.array([1, 1, *scales], np.float32))]
+    resized = graph.node("Resize", resize_inputs, mode="nearest", coordinate_transformation_mode="asymmetric",
+                         nearest_mode="floor")
+    quantized = graph.node("QuantizeLinear", [resized, *dequantize.input[1:]])
+    model = graph.model([graph.conv(graph.node("DequantizeLinear", [quantized, *dequantize.input[1:]]), 8, 16)])
+    compacted = compact_graph(model)
+    assert _op_types(compacted).count("Resize") == 2  # one per axis, each of a 1-D row of positions
+    assert {len(_shape_of(compacted, n.input[0])) for n in compacted.graph.node if n.op_type == "Resize"} == {1}
+    _assert_same_outputs(compacted, model, graph.rng.normal(size=(1, 4, *size)).astype(np.float32))
+
+
+def _shape_of(model: onnx.ModelProto, name: str) -> list[int]:
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    value = next(v for v in (*inferred.graph.value_info, *inferred.graph.input) if v.name == name)
+    return [d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+def test_a_resize_that_rounds_stays():
+    """Bilinear Resize computes new values, and a QuantizeLinear of another scale rounds: both stay Resizes."""
+    graph = _QuantizedGraph(4)
+    source = graph.conv(graph.value, 4, 4)
+    sizes = graph.constant(np.array([1, 4, 24, 24], np.int64))
+    bilinear = graph.quantize(graph.node("Resize", [source, "", "", sizes], mode="linear"), 0.08, 0)
+    rescaled = graph.quantize(graph.node("Resize", [source, "", "", sizes], mode="nearest"), 0.05, 0)
+    compacted = compact_graph(graph.model([bilinear, rescaled]))
+    assert _op_types(compacted).count("Resize") == 2 and "Gather" not in _op_types(compacted)
+
+
+@pytest.mark.parametrize("mode", ["CRD", "DCR"])
+def test_an_int8_depth_to_space_runs_in_channels_last_order_with_the_same_outputs(mode):
+    """The DensePose predictor's sub-pixel conv: int8 conv (4 x 6 channels) -> DepthToSpace(2) -> crop. In CRD
+    order (torch's pixel_shuffle) the conv's output channels are reordered to DCR, so the channels-last Transpose
+    moves runs of 2 x 6 bytes."""
+    graph = _QuantizedGraph(8, (7, 5))
+    source = graph.conv(graph.value, 24, 8, relu=False)
+    dequantize = graph.nodes[-1]
+    moved = graph.node("DepthToSpace", [source], blocksize=2, mode=mode)
+    quantized = graph.node("QuantizeLinear", [moved, *dequantize.input[1:]])
+    cropped = graph.node("Slice", [graph.node("DequantizeLinear", [quantized, *dequantize.input[1:]]),
+                                   graph.constant(np.array([1, 1])), graph.constant(np.array([-1, -1])),
+                                   graph.constant(np.array([2, 3]))])
+    model = graph.model([cropped])
+    compacted = compact_graph(model)
+    assert "DepthToSpace" not in _op_types(compacted)
+    _assert_same_outputs(compacted, model, graph.rng.normal(size=(1, 8, 7, 5)).astype(np.float32))
+
+
+def test_a_crd_depth_to_space_whose_conv_output_is_read_elsewhere_stays():
+    """Reordering the conv's channels would change what the other reader sees."""
+    graph = _QuantizedGraph(8)
+    source = graph.conv(graph.value, 16, 8)
+    dequantize = graph.nodes[-1]
+    moved = graph.node("DepthToSpace", [source], blocksize=2, mode="CRD")
+    quantized = graph.node("QuantizeLinear", [moved, *dequantize.input[1:]])
+    model = graph.model([graph.node("DequantizeLinear", [quantized, *dequantize.input[1:]]),
+                         graph.node("DequantizeLinear", list(dequantize.input))])
+    assert "DepthToSpace" in _op_types(compact_graph(model))
+
+
+def test_nodes_computed_twice_are_computed_once_and_default_attributes_are_left_out():
+    """Two Shape -> Gather(constant index) chains of one value (the constants stored apart) become one; Conv's
+    all-ones strides and dilations, zero pads, group 1 and Gather's axis 0 are the defaults and are left out."""
+    graph = _QuantizedGraph(4)
+    source = graph.conv(graph.value, 4, 4)
+    dims = [graph.node("Gather", [graph.node("Shape", [source]), graph.constant(np.array([2]))], axis=0)
+            for _ in range(2)]
+    total = graph.node("Add", dims)
+    model = graph.model([source], shape_output="")
+    model.graph.output.append(helper.make_tensor_value_info(total, TensorProto.INT64, [1]))
+    conv = next(node for node in model.graph.node if node.op_type == "Conv")
+    conv.attribute.extend([helper.make_attribute("strides", [1, 1]), helper.make_attribute("dilations", [1, 1])])
+    compacted = compact_graph(model)
+    op_types = _op_types(compacted)
+    assert op_types.count("Shape") == 1 and op_types.count("Gather") == 1
+    kept = {a.name for n in compacted.graph.node if n.op_type in ("Conv", "Gather") for a in n.attribute}
+    assert kept == {"kernel_shape"}
+    for ours, before in zip(_run(compacted, {"x": np.ones((1, 4, 12, 12), np.float32)}),
+                            _run(model, {"x": np.ones((1, 4, 12, 12), np.float32)}), strict=True):
+        np.testing.assert_array_equal(ours, before)
