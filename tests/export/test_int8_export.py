@@ -172,9 +172,10 @@ def test_a_quantized_multiply_by_a_negative_scalar_is_refused(tmp_path):
 def test_an_int8_model_from_fnl_qat_exports_as_qdq_and_meets_the_int8_criteria(int8_export):
     proto = onnx.load(str(int8_export.path))
     onnx.checker.check_model(proto, full_check=True)
-    # The DensePose predictor's transposed convs are int8 convs (SubPixelConvTranspose2d): Conv, DepthToSpace and a
-    # crop in QDQ form, which ONNX Runtime runs in int8 (it has no int8 ConvTranspose kernel).
-    assert {"QuantizeLinear", "DequantizeLinear", "Conv", "DepthToSpace", "Slice"} <= op_types(proto.graph)
+    # The DensePose predictor's transposed convs are int8 convs (SubPixelConvTranspose2d): Conv, pixel shuffle and a
+    # crop in QDQ form, which ONNX Runtime runs in int8 (it has no int8 ConvTranspose kernel). Compaction writes each
+    # int8 pixel shuffle (DepthToSpace) as a Transpose of channels-last blocks (fnl.export.graph_compaction).
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv", "Transpose", "Slice"} <= op_types(proto.graph)
     assert "ConvTranspose" not in op_types(proto.graph)
     assert {p.key: p.value for p in proto.metadata_props}["precision"] == "int8"
     report = verify_onnx(int8_export.int8_model, int8_export.path, int8_export.images, INT8, threads=1)

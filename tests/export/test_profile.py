@@ -12,9 +12,10 @@ def test_an_onnx_profile_sums_kernel_time_by_operator_and_by_part(int8_export):
     profile = profile_onnx(int8_export.path, images, threads=1)
     assert profile.runtime == "onnxruntime" and profile.images == 2
     # ONNX Runtime fused the QDQ convolutions into int8 kernels, the DensePose predictor's sub-pixel convs among
-    # them (no float ConvTranspose left); RoIAlign and the predictor's pixel shuffle ran.
+    # them (no float ConvTranspose left); RoIAlign and the predictor's pixel shuffles (int8 Transposes of channels-last
+    # blocks) ran.
     assert profile.by_operator["QLinearConv"] > 0
-    assert {"RoiAlign", "DepthToSpace"} <= set(profile.by_operator) and "ConvTranspose" not in profile.by_operator
+    assert {"RoiAlign", "Transpose"} <= set(profile.by_operator) and "ConvTranspose" not in profile.by_operator
     # Every part ran (the graph's node names carry them), and parts and operators divide the same kernel time.
     assert all(profile.by_part.get(part, 0) > 0 for part in PARTS)
     assert sum(profile.by_part.values()) == pytest.approx(profile.total_ms, rel=1e-3, abs=0.01)
