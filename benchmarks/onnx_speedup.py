@@ -2,7 +2,7 @@
 the time goes. Writes docs/ONNX_SPEEDUP.md and .json (machine, versions, threads, input size).
 
     python benchmarks/onnx_speedup.py --quantize-dir out/b_int8 --data data/synth2000 [--threads 1 2]
-        [--images 24] [--passes 3] [--profile-images 12] [--skip-ap]
+        [--images 12] [--passes 10] [--profile-images 12] [--skip-ap]
 
 ``--quantize-dir`` is an fnl-quantize output: its model_fp32.pth and model_int8.pth are exported here with
 ``fnl.export.onnx.to_onnx`` (to docs/benchmark_export/speedup/, ignored by git), so the graphs timed are the ones this
@@ -10,7 +10,9 @@ version of fnl writes. Timing: for each thread count, each session runs every on
 in turn, the sessions alternating block by block for ``--passes`` passes; the table gives medians. Blocks, not image
 by image: ONNX Runtime's worker threads spin for a while after a run, and a second session's run started then
 competes with them (at 2 threads on 2 cores the float32 graph timed interleaved image by image ran 87.5 ms, alone
-61.6). Run it alone on the machine: ratios from one run are what it is for, absolute times drift.
+61.6). Run it alone on the machine: ratios from one run are what it is for, absolute times drift. Even alone, a
+shared 2-core machine's speed at 2 threads moves between passes (float32 block medians of 62 to 74 ms in one run), so
+the table also gives the speed-up of each pass, float32 and int8 timed next to each other, and its spread.
 """
 
 from __future__ import annotations
@@ -56,13 +58,20 @@ def block_latencies(paths: dict[str, Path], images: list[np.ndarray], threads: i
     return times
 
 
+def pass_speedups(float_ms: list[float], int8_ms: list[float], images: int) -> list[float]:
+    """float32 median / int8 median of each pass: two blocks timed next to each other, so a machine that speeds up or
+    slows down between passes (a shared one does, at 2 threads by up to 20%) moves both."""
+    return [round(statistics.median(float_ms[k:k + images]) / statistics.median(int8_ms[k:k + images]), 3)
+            for k in range(0, len(float_ms), images)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quantize-dir", required=True)
     parser.add_argument("--data", help="dataset root (default: the embedded synthetic set)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--images", type=int, default=24, help="validation images timed per pass")
-    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--images", type=int, default=12, help="validation images timed per pass")
+    parser.add_argument("--passes", type=int, default=10)
     parser.add_argument("--profile-images", type=int, default=12, help="0 to skip the profile")
     parser.add_argument("--skip-ap", action="store_true", help="leave out AP on the validation split")
     parser.add_argument("--export-dir", default=str(ROOT / "docs" / "benchmark_export" / "speedup"))
@@ -87,6 +96,7 @@ def main() -> None:
                                    "p10_ms": round(float(np.percentile(v, 10)), 2),
                                    "p90_ms": round(float(np.percentile(v, 90)), 2), "runs": len(v)}
                             for name, v in times.items()}
+        latency[threads]["pass_speedups"] = pass_speedups(times["float32"], times["int8"], len(images))
     sizes = {name: file_megabytes(path) for name, path in paths.items()}
     accuracy = {}
     if not args.skip_ap:
@@ -103,13 +113,15 @@ def main() -> None:
              f"{machine['cpu']} ({machine['cpu_count']} cores; ISA flags {', '.join(machine['isa_flags'] or [])}); "
              f"input {size} (validation images of {cfg.DATASETS.TEST[0]}, resized as for "
              f"evaluation); versions: {versions()}. Medians over {args.images} images x {args.passes} passes, the two "
-             "sessions alternating block by block.\n",
-             "| threads | float32 p50 | int8 p50 | int8 speed-up | float32 p10 / p90 | int8 p10 / p90 |",
-             "|---:|---:|---:|---:|---|---|"]
+             "sessions alternating block by block; the speed-up per pass compares the two blocks of one pass.\n",
+             "| threads | float32 p50 | int8 p50 | int8 speed-up | speed-up per pass: median (min - max) | "
+             "float32 p10 / p90 | int8 p10 / p90 |",
+             "|---:|---:|---:|---:|---|---|---|"]
     for threads, figures in latency.items():
-        f, q = figures["float32"], figures["int8"]
+        f, q, per_pass = figures["float32"], figures["int8"], figures["pass_speedups"]
         lines.append(f"| {threads} | {f['median_ms']:.1f} ms | {q['median_ms']:.1f} ms | "
-                     f"**{f['median_ms'] / q['median_ms']:.2f}x** | {f['p10_ms']:.1f} / {f['p90_ms']:.1f} | "
+                     f"**{f['median_ms'] / q['median_ms']:.2f}x** | {statistics.median(per_pass):.2f}x "
+                     f"({min(per_pass):.2f} - {max(per_pass):.2f}) | {f['p10_ms']:.1f} / {f['p90_ms']:.1f} | "
                      f"{q['p10_ms']:.1f} / {q['p90_ms']:.1f} |")
     lines += ["", f"File size: float32 {sizes['float32']:.2f} MB, int8 {sizes['int8']:.2f} MB "
                   f"({sizes['int8'] / sizes['float32']:.4f} of float32)."]
