@@ -508,7 +508,7 @@ def _depth_to_spaces_in_channels_last(nodes: list[onnx.NodeProto], constants: di
         moved = _moved_between_same_quantization(node, producers, readers, constants, shapes)
         block = _attribute(node, "blocksize", 0)
         mode = next((a.s for a in node.attribute if a.name == "mode"), b"DCR")
-        channels = shapes.get(node.input[0], [None, None])[1]
+        channels = shapes[node.input[0]][1] if moved is not None else None  # rank 4 when moved
         if moved is None or mode not in (b"DCR", b"CRD") or not channels or channels % (block * block):
             continue
         integers, quantize = moved
@@ -695,7 +695,8 @@ def _computed_once(nodes: list[onnx.NodeProto], constants: dict[str, onnx.Tensor
                    graph_outputs: set[str]) -> list[onnx.NodeProto]:
     """``nodes`` without each node that repeats an earlier one (same operator, attributes and inputs, after earlier
     repeats are resolved): its outputs become aliases (in ``aliases``) of the earlier node's. Model B's exporter
-    writes the same ``Shape`` / ``Unsqueeze`` / ``Cast`` of one value up to a dozen times (178 nodes)."""
+    writes the same ``Shape`` / ``Unsqueeze`` / ``Cast`` / ``DequantizeLinear`` of one value many times: 208 of
+    its int8 graph's nodes."""
     def resolve(name: str) -> str:
         while name in aliases:
             name = aliases[name]
