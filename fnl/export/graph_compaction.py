@@ -60,9 +60,7 @@ def compact_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     aliases: dict[str, str] = {}  # value name -> the name it is now read from
 
     def resolve(name: str) -> str:
-        while name in aliases:
-            name = aliases[name]
-        return name
+        return _resolved(name, aliases)
 
     types = {value.name: value.type.tensor_type.elem_type for value in (*graph.value_info, *graph.input)}
     types.update({tensor.name: tensor.data_type for tensor in graph.initializer})
@@ -105,6 +103,14 @@ def compact_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.value_info[:]  # shape annotations of values that no longer exist under these names
     return model
 
+
+
+def _resolved(name: str, aliases: dict[str, str]) -> str:
+    """The name a value is read from now: ``name`` followed through ``aliases`` (value name -> the name it is now
+    read from)."""
+    while name in aliases:
+        name = aliases[name]
+    return name
 
 def compact_onnx_file(source: str | Path, destination: str | Path) -> Path:
     """``compact_graph`` of the ONNX file ``source``, checked with ``onnx.checker`` and written atomically to
@@ -697,15 +703,10 @@ def _computed_once(nodes: list[onnx.NodeProto], constants: dict[str, onnx.Tensor
     repeats are resolved): its outputs become aliases (in ``aliases``) of the earlier node's. Model B's exporter
     writes the same ``Shape`` / ``Unsqueeze`` / ``Cast`` / ``DequantizeLinear`` of one value many times: 208 of
     its int8 graph's nodes."""
-    def resolve(name: str) -> str:
-        while name in aliases:
-            name = aliases[name]
-        return name
-
     first: dict[tuple, onnx.NodeProto] = {}
     kept = []
     for node in nodes:
-        node.input[:] = [resolve(name) for name in node.input]
+        node.input[:] = [_resolved(name, aliases) for name in node.input]
         if node.op_type in _NOT_MERGED or _subgraphs(node) or any(name in graph_outputs for name in node.output):
             kept.append(node)
             continue
