@@ -278,10 +278,13 @@ def subpixel_for(mode: str) -> bool:
 def save_pt2e_checkpoint(path: str | Path, prepared: nn.Module, cfg: CfgNode, mode: str) -> Path:
     """The prepared PT2E model's state (float weights, observer / fake-quant ranges) with its config: converting
     is deterministic, so this is the int8 model in the form the capture can rebuild (``load_pt2e_checkpoint``).
-    ``prepared`` is ``prepare_pt2e_model``'s default for ``mode`` (how its transposed convs are stored is recorded)."""
+    How its transposed convs are held is recorded, read off its programs: transposed convs, or none left (the
+    predictor's rewritten as sub-pixel convs)."""
+    transposed = any("conv_transpose" in str(node.target) for region in exported_regions(prepared)
+                     for node in region.program.graph.nodes if node.op == "call_function")
     return save_checkpoint(path, prepared, cfg, quantization={
         "engine": ENGINE, "mode": mode, "format": PT2E_STATE,
-        TRANSPOSED_CONVS_KEY: SUBPIXEL if subpixel_for(mode) else TRANSPOSED})
+        TRANSPOSED_CONVS_KEY: TRANSPOSED if transposed else SUBPIXEL})
 
 
 def is_pt2e_checkpoint(data: dict[str, Any]) -> bool:

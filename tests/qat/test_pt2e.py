@@ -26,7 +26,7 @@ from fnl.qat.pt2e import (  # noqa: E402
     save_pt2e_checkpoint,
 )
 from fnl.qat.regions import region_captures  # noqa: E402
-from fnl.qat.serialization import TRANSPOSED_CONVS_KEY  # noqa: E402
+from fnl.qat.serialization import SUBPIXEL, TRANSPOSED, TRANSPOSED_CONVS_KEY  # noqa: E402
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 TAPS = ["blocks.1.2.conv_pwl", "blocks.2.3.conv_pwl", "blocks.4.3.conv_pwl", "blocks.6.0.conv_pwl"]
@@ -148,6 +148,9 @@ def test_pt2e_qat_quantizes_the_densepose_predictor_as_subpixel_convs_and_reads_
     before = prepare_pt2e_model(float_model, tiny_cfg, "qat", subpixel_predictor=False)
     save_pt2e_checkpoint(tmp_path / "before.pth", before, tiny_cfg, "qat")
     data = torch.load(tmp_path / "before.pth", weights_only=True)
+    # the record is read off the model saved, not assumed from the mode
+    assert data["quantization"][TRANSPOSED_CONVS_KEY] == TRANSPOSED
+    assert torch.load(tmp_path / "qat.pth", weights_only=True)["quantization"][TRANSPOSED_CONVS_KEY] == SUBPIXEL
     del data["quantization"][TRANSPOSED_CONVS_KEY]
     torch.save(data, tmp_path / "before.pth")
     old, _, _ = load_pt2e_checkpoint(tmp_path / "before.pth")
