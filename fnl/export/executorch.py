@@ -43,6 +43,7 @@ from fnl.export.onnx import ExportableRCNN
 from fnl.export.pipeline import quantize_outputs, split_images
 from fnl.export.runtime import GraphPredictor
 from fnl.export.verify import FLOAT32, INT8, Criteria, VerificationReport, ap_rows, verify_predictor
+from fnl.export.xnnpack_rewrites import parameter_scalars_as_constants, resamplings_as_convs
 from fnl.modeling import build_model
 from fnl.qat.patch import IMAGE, active_regions
 from fnl.qat.pt2e import (
@@ -158,8 +159,18 @@ def xnnpack_partitioner(float_global_pools: bool = False) -> Any:
 
 def lower_to_xnnpack(program: torch.fx.GraphModule, args: tuple[Any, ...], dynamic_shapes: tuple[Any, ...] | None,
                      name: str = "program") -> tuple[bytes, Any, Any]:
-    """An int8 PT2E graph as an XNNPACK ``.pte`` buffer, with the pytree specs of its inputs and outputs.
-    ``program`` is not modified.
+    """An int8 PT2E graph (or a float32 one) as an XNNPACK ``.pte`` buffer, with the pytree specs of its inputs and
+    outputs (``xnnpack_program``, then ``to_executorch``)."""
+    exported, lowered = xnnpack_program(program, args, dynamic_shapes, name)
+    return lowered.to_executorch().buffer, exported.call_spec.in_spec, exported.call_spec.out_spec
+
+
+def xnnpack_program(program: torch.fx.GraphModule, args: tuple[Any, ...], dynamic_shapes: tuple[Any, ...] | None,
+                    name: str = "program") -> tuple[torch.export.ExportedProgram, Any]:
+    """``program`` exported at ``args`` / ``dynamic_shapes`` and lowered with XNNPACK's partitioner: the exported
+    program and ExecuTorch's edge program manager. ``program`` is not modified: a copy gets
+    ``fnl.export.xnnpack_rewrites``'s exact rewrites (the resamplings only in a program of static shapes, the
+    backbone) so that XNNPACK takes what ExecuTorch's portable kernels would run.
 
     In a program with dynamic shapes (the RoI heads), the int8 global average pools run in float when the backend
     policy says XNNPACK's are wrong there (``XNNPACK.dynamic_int8_global_pool``: after a call with fewer RoIs, a
@@ -172,10 +183,14 @@ def lower_to_xnnpack(program: torch.fx.GraphModule, args: tuple[Any, ...], dynam
         logger.info("%s: int8 global average pool '%s' runs in float outside XNNPACK (XNNPACK's is wrong when the "
                     "batch size grows between calls; docs/NOTES.md)", name, pool)
     program = copy.deepcopy(program)
+    rewritten = parameter_scalars_as_constants(program)
+    if dynamic_shapes is None:  # the sizes decide what is a 2x resampling
+        rewritten += resamplings_as_convs(program, args)
+    if rewritten:
+        logger.info("%s: %d ops rewritten for XNNPACK (fnl.export.xnnpack_rewrites)", name, rewritten)
     duplicate_shared_nodes(program)
     exported = torch.export.export(program, args, dynamic_shapes=dynamic_shapes)
-    lowered = to_edge_transform_and_lower(exported, partitioner=[xnnpack_partitioner(bool(float_pools))])
-    return lowered.to_executorch().buffer, exported.call_spec.in_spec, exported.call_spec.out_spec
+    return exported, to_edge_transform_and_lower(exported, partitioner=[xnnpack_partitioner(bool(float_pools))])
 
 
 def program_image_size(cfg: CfgNode, input_size: int | None = None) -> tuple[int, int]:
