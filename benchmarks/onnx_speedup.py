@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 
 from fnl.cli.common import ensure_dataset
-from fnl.engine.benchmark import measure
+from fnl.engine.benchmark import alternating_blocks, measure, pass_speedups
 from fnl.engine.report import file_megabytes, machine_info, versions
 from fnl.export.onnx import to_onnx
 from fnl.export.pipeline import split_images
@@ -42,27 +41,11 @@ def block_latencies(paths: dict[str, Path], images: list[np.ndarray], threads: i
                     ) -> dict[str, list[float]]:
     """Milliseconds per image for each graph, sessions alternating in blocks of all ``images`` (see the docstring)."""
     predictors = {name: OnnxPredictor(path, threads) for name, path in paths.items()}
-    sessions = {name: predictor.session for name, predictor in predictors.items()}
     feeds = {name: [{INPUT_NAME: np.ascontiguousarray(image[None]).astype(predictor.input_dtype)}
                     for image in images] for name, predictor in predictors.items()}
-    for name, session in sessions.items():
-        session.run(None, feeds[name][0])  # warm-up: arena, kernel selection
-    times: dict[str, list[float]] = {name: [] for name in paths}
-    order = list(paths)
-    for index in range(passes):
-        for name in order if index % 2 == 0 else order[::-1]:
-            for feed in feeds[name]:
-                start = time.perf_counter()
-                sessions[name].run(None, feed)
-                times[name].append(1000 * (time.perf_counter() - start))
-    return times
-
-
-def pass_speedups(float_ms: list[float], int8_ms: list[float], images: int) -> list[float]:
-    """float32 median / int8 median of each pass: two blocks timed next to each other, so a machine that speeds up or
-    slows down between passes (a shared one does, at 2 threads by up to 20%) moves both."""
-    return [round(statistics.median(float_ms[k:k + images]) / statistics.median(int8_ms[k:k + images]), 3)
-            for k in range(0, len(float_ms), images)]
+    runners = {name: (lambda index, session=predictor.session, name=name: session.run(None, feeds[name][index]))
+               for name, predictor in predictors.items()}
+    return alternating_blocks(runners, range(len(images)), passes)
 
 
 def main() -> None:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import logging
+import statistics
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,3 +42,36 @@ def model_file_megabytes(model: torch.nn.Module, path: Path, cfg: CfgNode) -> fl
     """Save the float model as users ship it (weights + config, no optimizer state) and return its size."""
     save_checkpoint(path, model, cfg)
     return file_megabytes(path)
+
+
+def alternating_blocks(runners: dict[str, Callable[[Any], Any]], inputs: Sequence[Any], passes: int,
+                       after_block: Callable[[str], None] | None = None) -> dict[str, list[float]]:
+    """Milliseconds of each runner on each input, the runners taking turns block by block (all ``inputs`` in a
+    block; the order reversed every other pass) for ``passes`` passes, after one warm-up call each.
+
+    Blocks, not input by input: a runtime's worker threads spin for a while after a run, and another runtime's run
+    started then competes with them. ``after_block(name)`` is called after each block (a caller's per-block
+    counters)."""
+    for name, run in runners.items():
+        run(inputs[0])
+        if after_block:
+            after_block(name)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    order = list(runners)
+    for index in range(passes):
+        for name in order if index % 2 == 0 else order[::-1]:
+            for item in inputs:
+                start = time.perf_counter()
+                runners[name](item)
+                times[name].append(1000 * (time.perf_counter() - start))
+            if after_block:
+                after_block(name)
+    return times
+
+
+def pass_speedups(reference_ms: list[float], other_ms: list[float], block: int) -> list[float]:
+    """reference median / other median of each pass of ``alternating_blocks`` (``block`` inputs per pass): two blocks
+    timed next to each other, so a machine that speeds up or slows down between passes (a shared one does, at 2
+    threads by up to 20%) moves both."""
+    return [round(statistics.median(reference_ms[k:k + block]) / statistics.median(other_ms[k:k + block]), 3)
+            for k in range(0, len(reference_ms), block)]

@@ -25,6 +25,7 @@ import functools
 import json
 import logging
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,8 +170,8 @@ def xnnpack_program(program: torch.fx.GraphModule, args: tuple[Any, ...], dynami
                     name: str = "program") -> tuple[torch.export.ExportedProgram, Any]:
     """``program`` exported at ``args`` / ``dynamic_shapes`` and lowered with XNNPACK's partitioner: the exported
     program and ExecuTorch's edge program manager. ``program`` is not modified: a copy gets
-    ``fnl.export.xnnpack_rewrites``'s exact rewrites (the resamplings only in a program of static shapes, the
-    backbone) so that XNNPACK takes what ExecuTorch's portable kernels would run.
+    ``fnl.export.xnnpack_rewrites``'s exact rewrites so that XNNPACK takes what ExecuTorch's portable kernels would
+    run.
 
     In a program with dynamic shapes (the RoI heads), the int8 global average pools run in float when the backend
     policy says XNNPACK's are wrong there (``XNNPACK.dynamic_int8_global_pool``: after a call with fewer RoIs, a
@@ -183,9 +184,8 @@ def xnnpack_program(program: torch.fx.GraphModule, args: tuple[Any, ...], dynami
         logger.info("%s: int8 global average pool '%s' runs in float outside XNNPACK (XNNPACK's is wrong when the "
                     "batch size grows between calls; docs/NOTES.md)", name, pool)
     program = copy.deepcopy(program)
-    rewritten = parameter_scalars_as_constants(program)
-    if dynamic_shapes is None:  # the sizes decide what is a 2x resampling
-        rewritten += resamplings_as_convs(program, args)
+    rewritten = parameter_scalars_as_constants(program) + resamplings_as_convs(program, args,
+                                                                                dynamic=dynamic_shapes is not None)
     if rewritten:
         logger.info("%s: %d ops rewritten for XNNPACK (fnl.export.xnnpack_rewrites)", name, rewritten)
     duplicate_shared_nodes(program)
@@ -271,6 +271,7 @@ class ExecuTorchRegion(nn.Module):
         self.out_spec = out_spec
         self.image_size = image_size
         self.per_level = per_level
+        self.seconds = 0.0  # time spent in the program (ExecuTorch), all calls: what the benchmarks split by region
 
     def forward(self, x: Any) -> Any:
         if self.image_size is not None:
@@ -288,8 +289,11 @@ class ExecuTorchRegion(nn.Module):
         return pytree.tree_unflatten(list(outputs), self.out_spec)
 
     def _execute(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        start = time.perf_counter()
         # The outputs live in the program's planned memory, which the next call of the same method overwrites.
-        return [t.clone() for t in self.method.execute([t.contiguous() for t in inputs])]
+        outputs = [t.clone() for t in self.method.execute([t.contiguous() for t in inputs])]
+        self.seconds += time.perf_counter() - start
+        return outputs
 
     def _run_rois(self, rois: torch.Tensor) -> list[torch.Tensor]:
         """RoIs in chunks of what the program's memory plan holds (ExecuTorch plans the RoI programs for fewer RoIs

@@ -18,7 +18,8 @@ from fnl.export.xnnpack_rewrites import parameter_scalars_as_constants, resampli
 
 class MiniFusion(nn.Module):
     """What the BiFPN does between convs: 2x nearest up and down, a kernel-1 stride-2 max pool (P6), sums weighted
-    by normalized fusion weights computed from a parameter, and a resampling that is not by 2 (left alone)."""
+    by normalized fusion weights computed from a parameter; the DensePose head's ASPP pooling branch (a global pool
+    resampled from 1 x 1); and a resampling that is not by 2 (left alone)."""
 
     def __init__(self, channels: int = 16) -> None:
         super().__init__()
@@ -34,7 +35,8 @@ class MiniFusion(nn.Module):
         w = F.relu(self.fusion)
         w = w / (w.sum() + 1e-4)
         up = w[0] * fine + w[1] * F.interpolate(coarse, size=fine.shape[-2:], mode="nearest")
-        down = coarse + F.interpolate(up, size=coarse.shape[-2:], mode="nearest")
+        context = F.interpolate(F.adaptive_avg_pool2d(coarse, 1), size=coarse.shape[-2:], mode="nearest")
+        down = coarse + context + F.interpolate(up, size=coarse.shape[-2:], mode="nearest")
         p6 = F.max_pool2d(down, kernel_size=1, stride=2)
         odd = F.interpolate(p6, size=(5, 7), mode="nearest")
         return self.out_fine(up), self.out_coarse(down), p6, odd
@@ -71,8 +73,8 @@ def test_rewrites_are_exact_in_pytorch(make_program) -> None:
     args = (torch.randn(1, 3, 32, 48),)
     program = make_program(args)
     new, count = rewritten(program, args)
-    # 2 fusion weights, up, down, max pool; the 5 x 7 resampling is not by 2
-    assert count == 5
+    # 2 fusion weights, up, down, from 1 x 1, max pool; the 5 x 7 resampling is not by 2
+    assert count == 6
     assert not any("max_pool2d" in target for target in targets(new))
     assert sum("upsample_nearest2d" in target for target in targets(new)) == 1
     torch.manual_seed(2)
@@ -84,13 +86,32 @@ def test_rewrites_are_exact_in_pytorch(make_program) -> None:
 def test_resampling_rewrite_reads_the_sizes_it_is_given() -> None:
     """Odd sizes make nothing 2x (a max pool of kernel 1 and stride 2 still is the even pixels at any size)."""
     args = (torch.randn(1, 3, 30, 46),)  # fine 30 x 46, coarse 15 x 23: 2x both ways
-    assert resamplings_as_convs(copy.deepcopy(float_program(args)), args) == 3
+    assert resamplings_as_convs(copy.deepcopy(float_program(args)), args) == 4
     odd = (torch.randn(1, 3, 29, 45),)  # coarse 15 x 23: not 2x
     program = float_program(odd)
     new = copy.deepcopy(program)
-    assert resamplings_as_convs(new, odd) == 1  # the max pool only
+    assert resamplings_as_convs(new, odd) == 2  # the max pool and the one from 1 x 1
     for before, after in zip(program(odd[0]), new(odd[0]), strict=True):
         assert torch.equal(before, after)
+
+
+def test_dynamic_programs_rewrite_only_the_sizes_they_fix() -> None:
+    """A program of dynamic batch (the RoI heads) has every size but the batch fixed: all four are rewritten and it
+    stays right at another batch size; with dynamic H and W only the max pool is (2x is not decided by the graph)."""
+    from torch.export import Dim
+
+    torch.manual_seed(0)
+    module = MiniFusion().eval()
+    args = (torch.randn(2, 3, 32, 48),)
+    batch = torch.export.export(module, args, dynamic_shapes=({0: Dim("n", min=1, max=8)},)).module()
+    new = copy.deepcopy(batch)
+    assert resamplings_as_convs(new, args, dynamic=True) == 4
+    other = torch.randn(5, 3, 32, 48)
+    for before, after in zip(batch(other), new(other), strict=True):
+        assert torch.equal(before, after)
+    sizes = torch.export.export(module, args, dynamic_shapes=({2: 16 * Dim("h", min=1, max=4),
+                                                               3: 16 * Dim("w", min=1, max=4)},)).module()
+    assert resamplings_as_convs(copy.deepcopy(sizes), args, dynamic=True) == 1
 
 
 @pytest.mark.parametrize("make_program", [float_program, int8_program], ids=["float32", "int8"])
