@@ -117,8 +117,8 @@ def main() -> None:
     if not args.skip_ap:
         with torch_threads(1):
             for name, export in exports.items():
-                row, _ = measure(name, "executorch", "", "", ExecuTorchPredictor(export.directory, 1), cfg,
-                                 sizes[name])
+                predictor = ExecuTorchPredictor(export.directory, 1)
+                row, _ = measure(name, "executorch", predictor.precision, "", predictor, cfg, sizes[name])
                 accuracy[name] = {"bbox_AP": row.bbox_AP, "densepose_AP": row.densepose_AP}
 
     machine = machine_info()

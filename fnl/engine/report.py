@@ -97,7 +97,7 @@ def versions() -> dict[str, str]:
     import importlib.metadata as metadata
 
     found = {}
-    for package in ("fnl", "torch", "torchvision", "timm", "onnx", "onnxruntime", "numpy"):
+    for package in ("fnl", "torch", "torchvision", "timm", "onnx", "onnxruntime", "executorch", "torchao", "numpy"):
         try:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

@@ -149,9 +149,9 @@ def _unit_weight(program: torch.fx.GraphModule, cache: dict[tuple[str, tuple[int
 
 
 def parameter_scalars_as_constants(program: torch.fx.GraphModule) -> int:
-    """Replace every 0-d tensor that ``program`` computes from its parameters and buffers alone (and that an op on
-    activations reads) by a (1, 1, 1, 1) buffer of the same value; returns how many. The parameter-only ops left
-    without readers are removed."""
+    """Replace every 0-d tensor that ``program`` computes from its parameters and buffers alone (and that only 4-D
+    ops on activations read) by a (1, 1, 1, 1) buffer of the same value; returns how many. The parameter-only ops
+    left without readers are removed."""
     graph = program.graph
     values: dict[torch.fx.Node, Any] = {}
 
@@ -166,12 +166,15 @@ def parameter_scalars_as_constants(program: torch.fx.GraphModule) -> int:
 
     constant: set[torch.fx.Node] = set()
     for node in graph.nodes:
-        if node.op == "get_attr" or node.op == "call_function" and node.all_input_nodes and \
-                all(source in constant for source in node.all_input_nodes):
+        if node.op == "get_attr" or node.op == "call_function" and node.all_input_nodes and not node.is_impure() \
+                and all(source in constant for source in node.all_input_nodes):
             constant.add(node)
     folded = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or node not in constant or all(user in constant for user in node.users):
+        readers = [user for user in node.users if user not in constant]
+        if node.op != "call_function" or node not in constant or not readers or _rank(node) not in (0, None):
+            continue
+        if not all(_rank(reader) == 4 for reader in readers):  # (1, 1, 1, 1) broadcasts as 0-d only in 4-D ops
             continue
         result = value(node)
         if isinstance(result, torch.Tensor) and result.dim() == 0:
@@ -184,6 +187,12 @@ def parameter_scalars_as_constants(program: torch.fx.GraphModule) -> int:
         graph.eliminate_dead_code()
         program.recompile()
     return folded
+
+
+def _rank(node: torch.fx.Node) -> int | None:
+    """The rank of a node's tensor as ``torch.export`` recorded it (None when it did not)."""
+    value = node.meta.get("val")
+    return value.dim() if isinstance(value, torch.Tensor) else None
 
 
 def _attribute(program: torch.nn.Module, target: str) -> Any:

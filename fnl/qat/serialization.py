@@ -26,6 +26,7 @@ from fnl.engine.checkpoint import (
     read_checkpoint,
     resolve_config,
 )
+from fnl.hooks.fuse import fuse_model
 from fnl.modeling import build_model
 from fnl.modeling.layers import SubPixelConvTranspose2d
 from fnl.qat.quantize import build_int8_structure, select_backend
@@ -182,8 +183,9 @@ def load_int8_checkpoint(path: str | Path, allow_unsafe: bool = False) -> tuple[
 
 def load_model_for_inference(ckpt: str | Path, config: str | None, overrides: Sequence[str],
                              allow_unsafe: bool = False) -> tuple[nn.Module, CfgNode]:
-    """A float or int8 PyTorch model from a checkpoint, with its config (the stored one unless ``config``). It lives
-    here, not in fnl.engine, because an int8 checkpoint is rebuilt by fnl.qat (patch -> fuse -> prepare -> convert)."""
+    """A float or int8 PyTorch model from a checkpoint, ready for inference (eval mode; a float model's batch norms
+    folded into its convs), with its config (the stored one unless ``config``). It lives here, not in fnl.engine,
+    because an int8 checkpoint is rebuilt by fnl.qat (patch -> fuse -> prepare -> convert)."""
     data = read_checkpoint(ckpt, allow_unsafe)
     if is_int8_checkpoint(data):
         model, stored = load_int8_checkpoint(ckpt, allow_unsafe)
@@ -195,4 +197,6 @@ def load_model_for_inference(ckpt: str | Path, config: str | None, overrides: Se
     cfg = resolve_config(ckpt, config, overrides, allow_unsafe)
     model = build_model(cfg)
     load_state(model, ckpt, allow_unsafe, data=data)
-    return model.eval(), cfg
+    # BN folded into the convs, as ONNX Runtime and XNNPACK do at load: the eager model ran each BN as its own op
+    # (6% of its time at 1 thread, docs/PROFILE.md). Hooks move with their modules (fnl.hooks.fuse).
+    return fuse_model(model.eval(), is_qat=False, inplace=True), cfg
