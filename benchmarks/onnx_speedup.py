@@ -43,7 +43,7 @@ def block_latencies(paths: dict[str, Path], images: list[np.ndarray], threads: i
     predictors = {name: OnnxPredictor(path, threads) for name, path in paths.items()}
     feeds = {name: [{INPUT_NAME: np.ascontiguousarray(image[None]).astype(predictor.input_dtype)}
                     for image in images] for name, predictor in predictors.items()}
-    runners = {name: (lambda index, session=predictor.session, name=name: session.run(None, feeds[name][index]))
+    runners = {name: (lambda index, session=predictor.session, feed=feeds[name]: session.run(None, feed[index]))
                for name, predictor in predictors.items()}
     return alternating_blocks(runners, range(len(images)), passes)
 

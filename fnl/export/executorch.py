@@ -5,8 +5,9 @@ Layout of an export directory:
 - ``backbone.pte``, ``rpn_head.pte``, ``box_head.pte``, ``densepose_head.pte``: each region of
   ``fnl.qat.patch.QUANTIZED_REGIONS`` re-captured at inference shapes (batch 1, H and W dynamic up to
   ``INPUT.MAX_SIZE_TEST``; RoIs dynamic up to what the RPN / the detector can return) from the converted PT2E graph,
-  or for a float32 model from its modules, and lowered with ``to_edge_transform_and_lower(..., XnnpackPartitioner())``
-  and ``to_executorch`` (XNNPACK's int8 or float32 kernels);
+  or for a float32 model from its modules, rewritten where XNNPACK has no kernel (``fnl.export.xnnpack_rewrites``,
+  exact) and lowered with ``to_edge_transform_and_lower(..., XnnpackPartitioner())`` and ``to_executorch``
+  (XNNPACK's int8 or float32 kernels);
 - ``executorch.json``: the config, the precision, and per region its file, the modules it stands for and the pytree
   specs of its inputs and outputs.
 

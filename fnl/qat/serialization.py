@@ -198,5 +198,5 @@ def load_model_for_inference(ckpt: str | Path, config: str | None, overrides: Se
     model = build_model(cfg)
     load_state(model, ckpt, allow_unsafe, data=data)
     # BN folded into the convs, as ONNX Runtime and XNNPACK do at load: the eager model ran each BN as its own op
-    # (6% of its time at 1 thread, docs/PROFILE.md). Hooks move with their modules (fnl.hooks.fuse).
+    # (model B 2.5% faster folded at 1 thread, docs/PROFILE.md). Hooks move with their modules (fnl.hooks.fuse).
     return fuse_model(model.eval(), is_qat=False, inplace=True), cfg
