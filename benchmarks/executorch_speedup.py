@@ -21,11 +21,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from fnl.cli.common import ensure_dataset
-from fnl.engine.benchmark import alternating_blocks, measure, pass_speedups
+from fnl.engine.benchmark import alternating_blocks, block_summary, measure, pass_speedups
 from fnl.engine.report import machine_info, versions
 from fnl.export.executorch import (
     ExecuTorchExport,
@@ -107,10 +106,7 @@ def main() -> None:
         with torch_threads(threads):
             predictors = {name: ExecuTorchPredictor(export.directory, threads) for name, export in exports.items()}
             times, regions[threads] = timed_run(predictors, images, args.passes)
-        latency[threads] = {name: {"median_ms": round(statistics.median(v), 2),
-                                   "p10_ms": round(float(np.percentile(v, 10)), 2),
-                                   "p90_ms": round(float(np.percentile(v, 90)), 2), "runs": len(v),
-                                   "pass_speedups": pass_speedups(times[reference], v, len(images))}
+        latency[threads] = {name: {**block_summary(v), "pass_speedups": pass_speedups(times[reference], v, len(images))}
                             for name, v in times.items()}
     sizes = {name: round(export.size_mb, 3) for name, export in exports.items()}
     accuracy = {}

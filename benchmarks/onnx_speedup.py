@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from fnl.cli.common import ensure_dataset
-from fnl.engine.benchmark import alternating_blocks, measure, pass_speedups
+from fnl.engine.benchmark import alternating_blocks, block_summary, measure, pass_speedups
 from fnl.engine.report import file_megabytes, machine_info, versions
 from fnl.export.onnx import to_onnx
 from fnl.export.pipeline import split_images
@@ -75,10 +75,7 @@ def main() -> None:
     latency = {}
     for threads in args.threads:
         times = block_latencies(paths, images, threads, args.passes)
-        latency[threads] = {name: {"median_ms": round(statistics.median(v), 2),
-                                   "p10_ms": round(float(np.percentile(v, 10)), 2),
-                                   "p90_ms": round(float(np.percentile(v, 90)), 2), "runs": len(v)}
-                            for name, v in times.items()}
+        latency[threads] = {name: block_summary(v) for name, v in times.items()}
         latency[threads]["pass_speedups"] = pass_speedups(times["float32"], times["int8"], len(images))
     sizes = {name: file_megabytes(path) for name, path in paths.items()}
     accuracy = {}

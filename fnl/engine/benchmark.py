@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fnl.config import CfgNode
@@ -67,6 +68,13 @@ def alternating_blocks(runners: dict[str, Callable[[Any], Any]], inputs: Sequenc
             if after_block:
                 after_block(name)
     return times
+
+
+def block_summary(milliseconds: list[float]) -> dict[str, float]:
+    """Median, p10 and p90 (ms) and the number of runs of one runner's ``alternating_blocks`` times."""
+    return {"median_ms": round(statistics.median(milliseconds), 2),
+            "p10_ms": round(float(np.percentile(milliseconds, 10)), 2),
+            "p90_ms": round(float(np.percentile(milliseconds, 90)), 2), "runs": len(milliseconds)}
 
 
 def pass_speedups(reference_ms: list[float], other_ms: list[float], block: int) -> list[float]:

@@ -3,7 +3,7 @@ the per-pass speed-up compares the blocks of one pass."""
 
 from __future__ import annotations
 
-from fnl.engine.benchmark import alternating_blocks, pass_speedups
+from fnl.engine.benchmark import alternating_blocks, block_summary, pass_speedups
 
 
 def test_alternating_blocks_order_and_counts() -> None:
@@ -24,3 +24,8 @@ def test_pass_speedups_compare_the_blocks_of_each_pass() -> None:
     reference = [10.0, 12.0, 11.0, 20.0, 22.0, 21.0]  # the second pass ran on a slower machine
     other = [5.0, 6.0, 5.5, 10.0, 11.0, 10.5]
     assert pass_speedups(reference, other, block=3) == [2.0, 2.0]
+
+
+def test_block_summary() -> None:
+    assert block_summary([float(v) for v in range(1, 12)]) == {"median_ms": 6.0, "p10_ms": 2.0, "p90_ms": 10.0,
+                                                              "runs": 11}
