@@ -24,7 +24,14 @@ from typing import Any
 import torch
 
 from fnl.cli.common import ensure_dataset
-from fnl.engine.benchmark import alternating_blocks, block_summary, measure, pass_speedups
+from fnl.engine.benchmark import (
+    alternating_blocks,
+    ap_figures,
+    block_summary,
+    measure,
+    pass_speedups,
+    speedup_header,
+)
 from fnl.engine.report import machine_info, versions
 from fnl.export.executorch import (
     ExecuTorchExport,
@@ -115,18 +122,13 @@ def main() -> None:
             for name, export in exports.items():
                 predictor = ExecuTorchPredictor(export.directory, 1)
                 row, _ = measure(name, "executorch", predictor.precision, "", predictor, cfg, sizes[name])
-                accuracy[name] = {"bbox_AP": row.bbox_AP, "densepose_AP": row.densepose_AP}
+                accuracy[name] = ap_figures(row)
 
     machine = machine_info()
-    command = (f"python benchmarks/executorch_speedup.py --pt2e-dir {args.pt2e_dir}"
-               + (f" --data {args.data}" if args.data else "")
-               + f" --threads {' '.join(map(str, args.threads))} --images {args.images} --passes {args.passes}")
     lines = ["# ExecuTorch int8 against ExecuTorch float32 (XNNPACK)\n",
-             f"One run of `{command}` on {machine['cpu']} ({machine['cpu_count']} cores; ISA flags "
-             f"{', '.join(machine['isa_flags'] or [])}); input {size} (validation images of {cfg.DATASETS.TEST[0]}, "
-             f"resized as for evaluation; the backbone program is {size} too); versions: {versions()}. Medians over "
-             f"{args.images} images x {args.passes} passes, the predictors alternating block by block; the speed-up "
-             "per pass compares the two blocks of one pass.\n",
+             speedup_header(f"python benchmarks/executorch_speedup.py --pt2e-dir {args.pt2e_dir}", args.threads,
+                            args.images, args.passes, args.data, size, cfg.DATASETS.TEST[0], "predictors", machine,
+                            versions(), note=f"; the backbone program is {size} too"),
              "| threads | row | p50 | speed-up | speed-up per pass: median (min - max) | p10 / p90 |",
              "|---:|---|---:|---:|---|---|"]
     for threads, rows in latency.items():

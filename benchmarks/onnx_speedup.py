@@ -24,7 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from fnl.cli.common import ensure_dataset
-from fnl.engine.benchmark import alternating_blocks, block_summary, measure, pass_speedups
+from fnl.engine.benchmark import (
+    alternating_blocks,
+    ap_figures,
+    block_summary,
+    measure,
+    pass_speedups,
+    speedup_header,
+)
 from fnl.engine.report import file_megabytes, machine_info, versions
 from fnl.export.onnx import to_onnx
 from fnl.export.pipeline import split_images
@@ -82,18 +89,13 @@ def main() -> None:
     if not args.skip_ap:
         for name, path in paths.items():
             row, _ = measure(f"ONNX {name}", "onnx", name, "", OnnxPredictor(path, 1), cfg, sizes[name])
-            accuracy[name] = {"bbox_AP": row.bbox_AP, "densepose_AP": row.densepose_AP}
+            accuracy[name] = ap_figures(row)
 
     machine = machine_info()
-    command = (f"python benchmarks/onnx_speedup.py --quantize-dir {args.quantize_dir}"
-               + (f" --data {args.data}" if args.data else "")
-               + f" --threads {' '.join(map(str, args.threads))} --images {args.images} --passes {args.passes}")
     lines = ["# ONNX Runtime int8 against ONNX Runtime float32\n",
-             f"One run of `{command}` on "
-             f"{machine['cpu']} ({machine['cpu_count']} cores; ISA flags {', '.join(machine['isa_flags'] or [])}); "
-             f"input {size} (validation images of {cfg.DATASETS.TEST[0]}, resized as for "
-             f"evaluation); versions: {versions()}. Medians over {args.images} images x {args.passes} passes, the two "
-             "sessions alternating block by block; the speed-up per pass compares the two blocks of one pass.\n",
+             speedup_header(f"python benchmarks/onnx_speedup.py --quantize-dir {args.quantize_dir}", args.threads,
+                            args.images, args.passes, args.data, size, cfg.DATASETS.TEST[0], "two sessions", machine,
+                            versions()),
              "| threads | float32 p50 | int8 p50 | int8 speed-up | speed-up per pass: median (min - max) | "
              "float32 p10 / p90 | int8 p10 / p90 |",
              "|---:|---:|---:|---:|---|---|---|"]

@@ -83,3 +83,19 @@ def pass_speedups(reference_ms: list[float], other_ms: list[float], block: int) 
     threads by up to 20%) moves both."""
     return [round(statistics.median(reference_ms[k:k + block]) / statistics.median(other_ms[k:k + block]), 3)
             for k in range(0, len(reference_ms), block)]
+
+
+def speedup_header(command: str, threads: list[int], images: int, passes: int, data: str | None, input_size: str,
+                   split: str, runners: str, machine: dict[str, Any], versions: dict[str, str], note: str = "") -> str:
+    """The opening sentence of a speed-up benchmark's Markdown: the command that ran (``command`` plus the timing
+    options), machine, input, versions and how ``runners`` were timed (``alternating_blocks``)."""
+    command += ((f" --data {data}" if data else "")
+                + f" --threads {' '.join(map(str, threads))} --images {images} --passes {passes}")
+    return (f"One run of `{command}` on {machine['cpu']} ({machine['cpu_count']} cores; ISA flags "
+            f"{', '.join(machine['isa_flags'] or [])}); input {input_size} (validation images of {split}, resized as "
+            f"for evaluation{note}); versions: {versions}. Medians over {images} images x {passes} passes, the "
+            f"{runners} alternating block by block; the speed-up per pass compares the two blocks of one pass.\n")
+
+
+def ap_figures(row: ReportRow) -> dict[str, float | None]:
+    return {"bbox_AP": row.bbox_AP, "densepose_AP": row.densepose_AP}

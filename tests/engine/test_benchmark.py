@@ -3,7 +3,7 @@ the per-pass speed-up compares the blocks of one pass."""
 
 from __future__ import annotations
 
-from fnl.engine.benchmark import alternating_blocks, block_summary, pass_speedups
+from fnl.engine.benchmark import alternating_blocks, block_summary, pass_speedups, speedup_header
 
 
 def test_alternating_blocks_order_and_counts() -> None:
@@ -29,3 +29,13 @@ def test_pass_speedups_compare_the_blocks_of_each_pass() -> None:
 def test_block_summary() -> None:
     assert block_summary([float(v) for v in range(1, 12)]) == {"median_ms": 6.0, "p10_ms": 2.0, "p90_ms": 10.0,
                                                               "runs": 11}
+
+
+def test_speedup_header_names_the_command_machine_and_timing() -> None:
+    machine = {"cpu": "Some CPU", "cpu_count": 2, "isa_flags": ["avx2", "avx512_vnni"]}
+    header = speedup_header("python benchmarks/x.py --dir d", [1, 2], 12, 6, "data/set", "512x512", "val",
+                            "two sessions", machine, {"torch": "2.14.1"}, note="; extra")
+    assert header.startswith("One run of `python benchmarks/x.py --dir d --data data/set --threads 1 2 --images 12 "
+                             "--passes 6` on Some CPU (2 cores; ISA flags avx2, avx512_vnni); input 512x512 "
+                             "(validation images of val, resized as for evaluation; extra); versions: "
+                             "{'torch': '2.14.1'}. Medians over 12 images x 6 passes, the two sessions alternating")
