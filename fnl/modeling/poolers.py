@@ -9,6 +9,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from fnl.config import ConfigError
+from fnl.modeling.roi_align import fast_roi_align_applies, roi_align_channels_last
 
 
 def boxes_to_rois(boxes: list[torch.Tensor]) -> torch.Tensor:
@@ -39,6 +40,10 @@ class ROIPooler(nn.Module):
 
     def forward(self, features: list[torch.Tensor], boxes: list[torch.Tensor]) -> torch.Tensor:
         rois = boxes_to_rois(boxes).to(features[0].dtype)
+        if fast_roi_align_applies(features[0]):
+            levels = self.assign_levels(rois) if len(features) > 1 else None
+            return roi_align_channels_last(features, rois, levels, self.output_size,
+                                           self.scales, self.sampling_ratio, self.aligned)
         if len(features) == 1:
             return self._pool(features[0], rois, self.scales[0])
         levels = self.assign_levels(rois)

@@ -16,6 +16,7 @@ from fnl.modeling.densepose import (
     build_densepose_head_and_predictor,
 )
 from fnl.modeling.poolers import ROIPooler
+from fnl.modeling.roi_align import channels_last_levels, fast_roi_align_applies
 from fnl.modeling.rpn import BBOX_XFORM_CLIP, _box_regression_loss
 
 
@@ -137,6 +138,7 @@ class DensePoseROIHeads(nn.Module):
         # Counts come from shape[0], not len(): under ONNX export len() freezes the sample image's count.
         boxes = [p[:, :4] for p in proposals]
         counts = [b.shape[0] for b in boxes]
+        features = self.pooling_layout(features)
         logits, deltas = self.box_predictor(self.box_features(features, boxes))
         detections = []
         for (logit, delta), image_boxes, size in zip(
@@ -151,6 +153,16 @@ class DensePoseROIHeads(nn.Module):
                 d["densepose"] = output[slice(start, start + count)].as_dict()
                 start = start + count
         return detections
+
+    def pooling_layout(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The levels the poolers read, laid out channels-last in one buffer where the fast RoIAlign runs
+        (``fnl.modeling.roi_align``): one transpose per level, shared by the box and DensePose poolers (both pool
+        P2), and no copy in either."""
+        names = list(dict.fromkeys(self.in_features + (self.densepose_in_features
+                                                       if self.densepose_on and self.decoder is None else [])))
+        if not fast_roi_align_applies(features[names[0]]):
+            return features
+        return {**features, **dict(zip(names, channels_last_levels([features[n] for n in names]), strict=True))}
 
     def select_detections(self, logits: torch.Tensor, deltas: torch.Tensor, proposals: torch.Tensor,
                           image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
