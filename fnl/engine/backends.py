@@ -55,12 +55,12 @@ EAGER_BACKENDS: dict[str, BackendPolicy] = {
 }
 BACKENDS = tuple(EAGER_BACKENDS)
 
-# ExecuTorch's XNNPACK through PT2E: its int8 deconvolution matches PyTorch's reference, but its QAT configuration
-# fake-quantizes transposed-conv weights per *input* channel, which XNNPACK cannot run; scales below 2^-12 are
+# ExecuTorch's XNNPACK through PT2E: its int8 deconvolution matches PyTorch's reference, under QAT too (transposed-conv
+# weights fake-quantized per output channel, fnl.qat.pt2e.per_channel_fake_quantize); scales below 2^-12 are
 # clamped by its observers; its int8 global average pooling computes wrong values for some RoIs once a call has
 # more RoIs than an earlier one (the DensePose head's ASPP pooling; docs/NOTES.md).
-XNNPACK = BackendPolicy("xnnpack", "pt2e", transposed_conv=True, pools_1x1=True, qat_transposed_conv=False,
-                        min_scale=2**-12, dynamic_int8_global_pool=False)
+XNNPACK = BackendPolicy("xnnpack", "pt2e", transposed_conv=True, pools_1x1=True, min_scale=2**-12,
+                        dynamic_int8_global_pool=False)
 
 # Caffe2 mobile's Int8 operators: QNNPACK's kernels.
 CAFFE2_INT8 = EAGER_BACKENDS["qnnpack"]

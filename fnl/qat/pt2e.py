@@ -14,17 +14,18 @@ Differences from the eager engine, all from the XNNPACK quantizer: weights are i
 activations int8 (asymmetric); every region starts from float inputs and ends in float outputs (the features leave
 the backbone program in float and the RPN head program quantizes them again); ops the quantizer has no int8 pattern
 for (SiLU, softmax, nearest upsampling of ASPP's pooled branch) simply stay float inside the program; transposed
-convs are quantized by PTQ (XNNPACK's int8 deconvolution matches PyTorch's reference, tests/export/test_executorch.py);
-QAT, whose configuration cannot quantize them (``is_transposed_conv``), gets the DensePose predictor's as the exact
-sub-pixel convs of the eager engine (``fnl.qat.patch.subpixel_transposed_convs``): ordinary int8 convs, then a float
-pixel shuffle and crop. Left float, they made the QAT ExecuTorch program 10% slower than the PTQ one (83.5 against
-75.6 ms, programs alternating on 24 images); rewritten, it takes 79.6 ms.
+convs are int8 under PTQ and QAT alike, weights per output channel (XNNPACK's int8 deconvolution matches PyTorch's
+reference, tests/export/test_executorch.py). QAT used to get them on axis 0, which XNNPACK cannot run
+(``per_channel_fake_quantize`` has why), and held the DensePose predictor as the eager engine's sub-pixel convs
+(``fnl.qat.patch.subpixel_transposed_convs``, still there with ``subpixel_predictor=True``, and for files saved so):
+int8 convs, then a float pixel shuffle and crop that cost the QAT ExecuTorch program 4 - 5 ms per image over PTQ's.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -100,22 +101,33 @@ def fake_quants_as_converted(config: Any) -> Any:
     from torchao.quantization.pt2e.fake_quantize import FakeQuantize
     from torchao.quantization.pt2e.observer import MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver
 
-    def as_converted(spec: Any, observer: type) -> Any:
-        return dataclasses.replace(spec, observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=observer,
-                                                                                           eps=XNNPACK_MIN_SCALE))
+    def as_converted(spec: Any, fake_quantize: type, observer: type) -> Any:
+        return dataclasses.replace(spec, observer_or_fake_quant_ctr=fake_quantize.with_args(observer=observer,
+                                                                                            eps=XNNPACK_MIN_SCALE))
 
-    activation = as_converted(config.input_activation, MovingAverageMinMaxObserver)
-    per_channel = config.weight.qscheme == torch.per_channel_symmetric
-    weight_observer = MovingAveragePerChannelMinMaxObserver if per_channel else MovingAverageMinMaxObserver
-    return dataclasses.replace(config, input_activation=activation, output_activation=activation,
-                               weight=as_converted(config.weight, weight_observer))
+    activation = as_converted(config.input_activation, FakeQuantize, MovingAverageMinMaxObserver)
+    if config.weight.qscheme == torch.per_channel_symmetric:
+        weight = as_converted(config.weight, per_channel_fake_quantize(), MovingAveragePerChannelMinMaxObserver)
+    else:
+        weight = as_converted(config.weight, FakeQuantize, MovingAverageMinMaxObserver)
+    return dataclasses.replace(config, input_activation=activation, output_activation=activation, weight=weight)
+
+
+@functools.cache
+def per_channel_fake_quantize() -> type:
+    """torchao's ``FakeQuantize`` under a class name with "PerChannel" in it: torchao's prepare passes a weight
+    spec's channel axis only to such constructors (``_create_obs_or_fq_from_qspec``, torchao 0.18), and every other
+    per-channel fake-quantizer gets axis 0. A transposed conv's weight is (in, out, kH, kW): the quantizer asks for
+    axis 1, its output channels, as PTQ's observers get it and XNNPACK's int8 deconvolution takes it."""
+    from torchao.quantization.pt2e.fake_quantize import FakeQuantize
+
+    return type("PerChannelFakeQuantize", (FakeQuantize,), {"__module__": __name__})
 
 
 def is_transposed_conv(node: torch.fx.Node) -> bool:
-    """Whether ``node`` is a transposed conv (the DensePose predictor), which XNNPACK's policy keeps float under QAT
-    (``XNNPACK.qat_transposed_conv``): the QAT configuration fake-quantizes their weights per *input* channel (axis 0;
-    PTQ uses axis 1, the output channels), which XNNPACK cannot run, and ExecuTorch has no portable kernel for the
-    leftover per-channel dequantize (torchao 0.18 / executorch 1.5.1)."""
+    """Whether ``node`` is a transposed conv (the DensePose predictor), which a backend policy without
+    ``qat_transposed_conv`` keeps float under QAT. XNNPACK's has it since QAT fake-quantizes their weights per output
+    channel (``per_channel_fake_quantize``); before, they got axis 0, which XNNPACK cannot run (docs/NOTES.md)."""
     return node.op == "call_function" and "conv_transpose" in str(node.target)
 
 
@@ -226,7 +238,8 @@ def prepare_pt2e_model(float_model: nn.Module, cfg: CfgNode, mode: str | None = 
                        ) -> nn.Module:
     """The PT2E counterpart of ``fnl.qat.prepare``: every region captured and prepared (fake-quant for QAT, observed
     for PTQ) inside a copy of ``float_model``; in train mode for QAT, eval mode for PTQ. ``subpixel_predictor``
-    (default: for QAT, ``subpixel_for``) rewrites the DensePose predictor's transposed convs as sub-pixel convs."""
+    (default ``subpixel_for``: no mode, with XNNPACK's policy) rewrites the DensePose predictor's transposed convs as
+    sub-pixel convs."""
     require_pt2e()
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
 
@@ -271,8 +284,9 @@ PT2E_STATE = "pt2e-prepared"
 
 
 def subpixel_for(mode: str) -> bool:
-    """Whether ``prepare_pt2e_model`` rewrites the DensePose predictor's transposed convs by default: for QAT only."""
-    return mode == "qat"
+    """Whether ``prepare_pt2e_model`` rewrites the DensePose predictor's transposed convs by default: for QAT where
+    the backend policy keeps transposed convs float under QAT (``is_transposed_conv``)."""
+    return mode == "qat" and not XNNPACK.qat_transposed_conv
 
 
 def save_pt2e_checkpoint(path: str | Path, prepared: nn.Module, cfg: CfgNode, mode: str) -> Path:

@@ -18,8 +18,8 @@ def test_each_eager_backend_keeps_float_what_it_cannot_run_in_int8():
     }
 
 
-def test_xnnpack_keeps_transposed_convs_float_under_qat_only_and_caffe2_is_qnnpack():
-    assert XNNPACK.engine == "pt2e" and XNNPACK.transposed_conv and not XNNPACK.qat_transposed_conv
+def test_xnnpack_quantizes_transposed_convs_under_ptq_and_qat_and_caffe2_is_qnnpack():
+    assert XNNPACK.engine == "pt2e" and XNNPACK.transposed_conv and XNNPACK.qat_transposed_conv
     assert XNNPACK.min_scale == 2**-12
     assert CAFFE2_INT8 is eager_backend("qnnpack") and not CAFFE2_INT8.pools_1x1
 

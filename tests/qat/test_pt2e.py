@@ -127,12 +127,27 @@ def _densepose_convs(int8_model: torch.nn.Module) -> list[torch.fx.Node]:
     return [n for n in region.program.graph.nodes if n.op == "call_function" and "conv" in str(n.target)]
 
 
-def test_pt2e_qat_quantizes_the_densepose_predictor_as_subpixel_convs_and_reads_files_written_before(
-        float_model, tiny_cfg, tmp_path):
-    """QAT cannot quantize transposed convs (fnl.qat.pt2e.is_transposed_conv): the predictor's become the exact
-    sub-pixel convs, int8 like every other conv. A QAT file written before records nothing and still loads, with
-    its float transposed convs."""
+def test_pt2e_qat_quantizes_the_densepose_predictor_transposed_convs_per_output_channel(float_model, tiny_cfg):
+    """The predictor's transposed convs (weights (in, out, kH, kW)) are fake-quantized per *output* channel, axis 1,
+    as PTQ's observers and XNNPACK's int8 deconvolution take them: torchao passes a spec's channel axis only to a
+    fake-quantizer named PerChannel (fnl.qat.pt2e.per_channel_fake_quantize)."""
     prepared = prepare_pt2e_model(float_model, tiny_cfg, "qat")
+    region = next(r for r in exported_regions(prepared) if r.region == "densepose_head")
+    axes = {}
+    for node in region.program.graph.nodes:
+        if node.op == "call_function" and "conv" in str(node.target):
+            weight_fake_quant = getattr(region.program, node.args[1].target)
+            axes[str(node.target)] = weight_fake_quant.ch_axis
+    assert axes == {"aten.conv2d.default": 0, "aten.conv_transpose2d.input": 1}
+    int8_model = convert_pt2e_model(prepared)
+    transposed = [n for n in _densepose_convs(int8_model) if "conv_transpose" in str(n.target)]
+    assert len(transposed) == 4 and all(n.args[1].args[3] == 1 for n in transposed)  # dequantize_per_channel axis
+
+
+def test_pt2e_qat_files_with_subpixel_convs_or_no_record_still_load(float_model, tiny_cfg, tmp_path):
+    """QAT files written while QAT held the predictor as sub-pixel convs record it and load that way; a QAT file
+    written before the record existed loads with its transposed convs."""
+    prepared = prepare_pt2e_model(float_model, tiny_cfg, "qat", subpixel_predictor=True)
     int8_model = convert_pt2e_model(prepared)
     convs = _densepose_convs(int8_model)
     assert not any("conv_transpose" in str(n.target) for n in convs)
@@ -145,7 +160,7 @@ def test_pt2e_qat_quantizes_the_densepose_predictor_as_subpixel_convs_and_reads_
     assert mode == "qat" and torch.equal(expected["boxes"], got["boxes"])
     assert torch.equal(expected["densepose"]["u"], got["densepose"]["u"])
 
-    before = prepare_pt2e_model(float_model, tiny_cfg, "qat", subpixel_predictor=False)
+    before = prepare_pt2e_model(float_model, tiny_cfg, "qat")
     save_pt2e_checkpoint(tmp_path / "before.pth", before, tiny_cfg, "qat")
     data = torch.load(tmp_path / "before.pth", weights_only=True)
     # the record is read off the model saved, not assumed from the mode
