@@ -188,6 +188,32 @@ def test_every_int8_head_computes_what_pytorch_computes_within_a_step(pt2e_expor
         name: tuple(value.shape) for name, value in expected.items()}
 
 
+def test_roi_programs_are_planned_for_their_upper_bound_and_run_more_rois_in_chunks(pt2e_export):
+    """The box head takes POST_NMS_TOPK_TEST proposals of every RPN level in one call (up to MAX_PLANNED_ROIS), the
+    DensePose head DETECTIONS_PER_IMAGE detections (planned for those bounds, not for the capture's example,
+    docs/NOTES.md); more RoIs than that run in chunks of the planned size, and any count gives what one RoI at a time
+    gives."""
+    from fnl.export.executorch import MAX_PLANNED_ROIS, ExecuTorchPredictor, ExecuTorchRegion
+
+    cfg = pt2e_export.cfg.MODEL
+    predictor = ExecuTorchPredictor(pt2e_export.directory, threads=1)
+    programs = {m.region: m for m in predictor.model.modules() if isinstance(m, ExecuTorchRegion)}
+    capacity = {name: int(programs[name].method.metadata.input_tensor_meta(0).sizes()[0])
+                for name in ("box_head", "densepose_head")}
+    assert capacity == {"box_head": min(cfg.RPN.POST_NMS_TOPK_TEST * len(cfg.RPN.IN_FEATURES), MAX_PLANNED_ROIS),
+                        "densepose_head": cfg.ROI_HEADS.DETECTIONS_PER_IMAGE}
+    box_head = programs["box_head"]
+    rois = torch.randn(2 * capacity["box_head"] + 3, *box_head.method.metadata.input_tensor_meta(0).sizes()[1:],
+                       generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        together = box_head(rois)
+        one_by_one = [box_head(roi[None]) for roi in rois[:5]]
+    for outputs, parts in zip(pytree.tree_flatten(together)[0], zip(*[pytree.tree_flatten(o)[0] for o in one_by_one],
+                                                                         strict=True), strict=True):
+        assert outputs.shape[0] == rois.shape[0]
+        torch.testing.assert_close(outputs[:5], torch.cat(parts), rtol=0, atol=1e-5)
+
+
 def test_an_image_without_detections_gives_empty_outputs(pt2e_export):
     from fnl.export.executorch import ExecuTorchPredictor
 
