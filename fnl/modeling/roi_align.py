@@ -6,7 +6,8 @@ output bin is a bag of (pixel, weight) pairs — every sample's four neighbours,
 the sample count — and ``embedding_bag`` sums the bags' pixel rows of C channels, vectorized over the channels, from
 an (N*H*W, C) table: the feature map laid out channels-last. Model B at 512 px, 1 thread: the box pooler (P2-P5,
 ~380 RoIs, 7 x 7) and the DensePose pooler (P2, 10 RoIs, 32 x 32) take ~6 ms per image, against ~17 ms in
-torchvision's op (docs/PROFILE.md). The sums run in another order than torchvision's, so results agree to float rounding (~1e-6).
+torchvision's op (docs/PROFILE.md). The sums run in another order than torchvision's, so results agree to float
+rounding (~1e-6).
 
 It runs only where no gradient is needed (training keeps torchvision's op and its backward), and not while
 exporting: exporters (ONNX's RoiAlign, Caffe2's RoIAlign, ``torch.export``) need torchvision's op in the graph;
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import torch
 from torch.nn import functional as F
+
+MAX_BAG_ENTRIES = 1 << 24  # (index, weight) pairs gathered at once: ~130 MB of them
 
 
 def fast_roi_align_applies(feature: torch.Tensor) -> bool:
@@ -133,19 +136,36 @@ def roi_align_channels_last(features: list[torch.Tensor], rois: torch.Tensor, le
                                       max_w)
     # The average over a bin's samples folds into the row weights (torchvision divides by max(samples, 1)).
     row_weights = row_weights / (grid_h * grid_w).clamp(min=1).to(row_weights.dtype).view(-1, 1, 1, 1)
-    # Bags in output order (RoI, bin y, bin x); entries (sample y, neighbour y, sample x, neighbour x).
     image_start = first[levels] + rois[:, 0].to(torch.int32) * height * width
-    row_start = image_start.view(-1, 1, 1, 1) + rows * width.view(-1, 1, 1, 1)
-    # Each row and column term repeated to the bag's (row entry, column entry) pairs first, so that the outer sum
-    # and product run over whole bags: 4-10x faster than broadcasting over 2-wide inner dimensions.
-    bag = max_h * 2 * max_w * 2
-    by_row = (count, output_size, max_h, 2, max_w, 2)
-    by_col = (count, output_size, max_h, 2, max_w, 2)
-    index = (row_start.view(count, output_size, max_h, 2, 1, 1).expand(by_row).reshape(count, output_size, 1, bag)
-             + cols.view(count, output_size, 1, 1, max_w, 2).expand(by_col).reshape(count, 1, output_size, bag))
-    weight = (row_weights.view(count, output_size, max_h, 2, 1, 1).expand(by_row).reshape(count, output_size, 1, bag)
-              * col_weights.view(count, output_size, 1, 1, max_w, 2).expand(by_col).reshape(count, 1, output_size,
-                                                                                             bag))
-    offsets = torch.arange(0, index.numel(), bag, dtype=torch.int32)
-    pooled = F.embedding_bag(index.reshape(-1), table, offsets, mode="sum", per_sample_weights=weight.reshape(-1))
+    row_starts = image_start.view(-1, 1, 1, 1) + rows * width.view(-1, 1, 1, 1)
+    # RoIs in chunks of at most MAX_BAG_ENTRIES (index, weight) pairs: one chunk for model B's poolers, a bounded
+    # memory for many RoIs of large adaptive grids.
+    step = max(1, MAX_BAG_ENTRIES // (output_size * output_size * max_h * 2 * max_w * 2))
+    parts = []
+    for chunk in (slice(start, start + step) for start in range(0, count, step)):
+        index, offsets, weight = _bags(row_starts[chunk], row_weights[chunk], cols[chunk], col_weights[chunk])
+        parts.append(F.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=weight))
+    pooled = parts[0] if len(parts) == 1 else torch.cat(parts)
     return pooled.view(count, output_size, output_size, channels).permute(0, 3, 1, 2).contiguous()
+
+
+def _bags(row_starts: torch.Tensor, row_weights: torch.Tensor, cols: torch.Tensor, col_weights: torch.Tensor
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``embedding_bag``'s flat indices, bag offsets and per-entry weights: one bag per (RoI, bin y, bin x) in output
+    order, entries (sample y, neighbour y, sample x, neighbour x), from the per-axis row starts / columns and weights
+    (R, bins, samples, 2). Each axis's term is repeated over the bag's entries before the outer sum and product, so
+    both run over whole bags: 4-10x faster than broadcasting over 2-wide inner dimensions."""
+    count, bins, max_h, _ = row_starts.shape
+    max_w = cols.shape[2]
+    pairs, bag = (count, bins, max_h, 2, max_w, 2), max_h * 2 * max_w * 2
+
+    def by_row(t: torch.Tensor) -> torch.Tensor:
+        return t.view(count, bins, max_h, 2, 1, 1).expand(pairs).reshape(count, bins, 1, bag)
+
+    def by_col(t: torch.Tensor) -> torch.Tensor:
+        return t.view(count, bins, 1, 1, max_w, 2).expand(pairs).reshape(count, 1, bins, bag)
+
+    index = by_row(row_starts) + by_col(cols)
+    weight = by_row(row_weights) * by_col(col_weights)
+    offsets = torch.arange(0, index.numel(), bag, dtype=torch.int32)
+    return index.reshape(-1), offsets, weight.reshape(-1)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torchvision.ops import roi_align
 
+from fnl.modeling import roi_align as roi_align_module
 from fnl.modeling.poolers import ROIPooler, boxes_to_rois
 from fnl.modeling.roi_align import channels_last_levels, fast_roi_align_applies, roi_align_channels_last
 
@@ -51,6 +52,16 @@ def test_each_roi_is_pooled_from_its_level_in_one_gather(sampling_ratio: int) ->
         chosen = assigned == k
         expected = roi_align(level, rois[chosen], 5, 0.5**k, sampling_ratio, True)
         torch.testing.assert_close(pooled[chosen], expected, rtol=0, atol=1e-5)
+
+
+def test_many_rois_are_gathered_in_chunks_of_bounded_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    generator = torch.Generator().manual_seed(3)
+    feature = torch.randn(2, 3, 20, 30, generator=generator)
+    rois = _rois(50, 2, 20, 30, generator)
+    monkeypatch.setattr(roi_align_module, "MAX_BAG_ENTRIES", 7 * 7 * 16 * 6)  # ~6 RoIs of 2 x 2 samples at once
+    for sampling_ratio in (0, 2):
+        pooled = roi_align_channels_last([feature], rois, None, 7, [0.5], sampling_ratio, True)
+        torch.testing.assert_close(pooled, roi_align(feature, rois, 7, 0.5, sampling_ratio, True), rtol=0, atol=1e-5)
 
 
 def test_levels_laid_out_together_are_read_in_place() -> None:
