@@ -192,6 +192,8 @@ def test_weight_scales_choose_the_xnnpack_weight_quantization():
         weight = xnnpack_quantizer(True, weight_scales).global_config.weight
         constructor = weight.observer_or_fake_quant_ctr
         assert weight.qscheme == qscheme
-        assert constructor.p.func is FakeQuantize and constructor.p.keywords["observer"] is observer
+        assert issubclass(constructor.p.func, FakeQuantize) and constructor.p.keywords["observer"] is observer
+        # torchao passes the channel axis only to a constructor named PerChannel (per_channel_fake_quantize)
+        assert ("PerChannel" in constructor.p.func.__name__) == (qscheme == torch.per_channel_symmetric)
     with pytest.raises(ValueError, match="QUANTIZATION.WEIGHT_SCALES must be one of"):
         xnnpack_quantizer(False, "per-row")
