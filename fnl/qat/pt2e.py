@@ -69,9 +69,10 @@ def require_pt2e() -> None:
                                    f"{INSTALL_HINT}") from exc
 
 
-def xnnpack_quantizer(qat: bool, weight_scales: str = "per-channel") -> Any:
+def xnnpack_quantizer(qat: bool, weight_scales: str = "per-channel", float_transposed_convs: bool = False) -> Any:
     """Int8 symmetric weights (one scale per output channel, or per tensor), int8 activations: what XNNPACK's int8
-    kernels take."""
+    kernels take. ``float_transposed_convs`` leaves transposed convs unquantized (how QAT held them before
+    ``per_channel_fake_quantize``; files saved so are rebuilt with it)."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
@@ -83,8 +84,7 @@ def xnnpack_quantizer(qat: bool, weight_scales: str = "per-channel") -> Any:
         config = fake_quants_as_converted(config)
     quantizer = XNNPACKQuantizer().set_global(config)
     return quantizer.set_filter_function(lambda node: has_no_scalar_tensor_operand(node)
-                                         and not (qat and not XNNPACK.qat_transposed_conv
-                                                  and is_transposed_conv(node)))
+                                         and not (float_transposed_convs and is_transposed_conv(node)))
 
 
 def fake_quants_as_converted(config: Any) -> Any:
@@ -125,9 +125,7 @@ def per_channel_fake_quantize() -> type:
 
 
 def is_transposed_conv(node: torch.fx.Node) -> bool:
-    """Whether ``node`` is a transposed conv (the DensePose predictor), which a backend policy without
-    ``qat_transposed_conv`` keeps float under QAT. XNNPACK's has it since QAT fake-quantizes their weights per output
-    channel (``per_channel_fake_quantize``); before, they got axis 0, which XNNPACK cannot run (docs/NOTES.md)."""
+    """Whether ``node`` is a transposed conv (the DensePose predictor's)."""
     return node.op == "call_function" and "conv_transpose" in str(node.target)
 
 
@@ -234,12 +232,13 @@ def capture_region(model: nn.Module, region: QuantizedRegion, capture: RegionCap
 
 
 def prepare_pt2e_model(float_model: nn.Module, cfg: CfgNode, mode: str | None = None,
-                       stages: QuantizationStages | None = None, subpixel_predictor: bool | None = None
-                       ) -> nn.Module:
+                       stages: QuantizationStages | None = None, subpixel_predictor: bool | None = None,
+                       float_transposed_convs: bool | None = None) -> nn.Module:
     """The PT2E counterpart of ``fnl.qat.prepare``: every region captured and prepared (fake-quant for QAT, observed
     for PTQ) inside a copy of ``float_model``; in train mode for QAT, eval mode for PTQ. ``subpixel_predictor``
     (default ``subpixel_for``: no mode, with XNNPACK's policy) rewrites the DensePose predictor's transposed convs as
-    sub-pixel convs."""
+    sub-pixel convs; ``float_transposed_convs`` (default: for QAT where the policy has no ``qat_transposed_conv``)
+    leaves transposed convs float. Both exist to rebuild files saved in those forms (``load_pt2e_checkpoint``)."""
     require_pt2e()
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
 
@@ -247,6 +246,8 @@ def prepare_pt2e_model(float_model: nn.Module, cfg: CfgNode, mode: str | None = 
     if mode not in MODES:
         raise ConfigError(f"QUANTIZATION.MODE must be one of {MODES}, got '{mode}'")
     qat = mode == "qat"
+    if float_transposed_convs is None:
+        float_transposed_convs = qat and not XNNPACK.qat_transposed_conv
     stages = stages if stages is not None else QuantizationStages()
     model = copy.deepcopy(float_model)
     regions = active_regions(model)
@@ -260,7 +261,7 @@ def prepare_pt2e_model(float_model: nn.Module, cfg: CfgNode, mode: str | None = 
     for region in regions:
         program = capture_region(model, region, captures[region.name])
         prepare = prepare_qat_pt2e if qat else prepare_pt2e
-        prepared = prepare(program, xnnpack_quantizer(qat, cfg.QUANTIZATION.WEIGHT_SCALES))
+        prepared = prepare(program, xnnpack_quantizer(qat, cfg.QUANTIZATION.WEIGHT_SCALES, float_transposed_convs))
         install_region(model, region.modules, ExportedRegion(region.name, prepared, captures[region.name]))
     return model.train(qat)
 
@@ -281,6 +282,8 @@ def exported_regions(model: nn.Module) -> list[ExportedRegion]:
 
 PT2E_CHECKPOINT, PT2E_PTQ_CHECKPOINT = "model_pt2e.pth", "model_pt2e_ptq.pth"
 PT2E_STATE = "pt2e-prepared"
+TRANSPOSED_CONV_WEIGHTS_KEY = "transposed_conv_weights"
+INT8_WEIGHTS, FLOAT_WEIGHTS = "int8", "float"
 
 
 def subpixel_for(mode: str) -> bool:
@@ -293,12 +296,15 @@ def save_pt2e_checkpoint(path: str | Path, prepared: nn.Module, cfg: CfgNode, mo
     """The prepared PT2E model's state (float weights, observer / fake-quant ranges) with its config: converting
     is deterministic, so this is the int8 model in the form the capture can rebuild (``load_pt2e_checkpoint``).
     How its transposed convs are held is recorded, read off its programs: transposed convs, or none left (the
-    predictor's rewritten as sub-pixel convs)."""
-    transposed = any("conv_transpose" in str(node.target) for region in exported_regions(prepared)
-                     for node in region.program.graph.nodes if node.op == "call_function")
+    predictor's rewritten as sub-pixel convs); and whether their weights are quantized (observed or fake-quantized)
+    or float."""
+    transposed = [node for region in exported_regions(prepared) for node in region.program.graph.nodes
+                  if is_transposed_conv(node)]
+    quantized = all(node.args[1].op == "call_module" for node in transposed)  # the weight through its observer
     return save_checkpoint(path, prepared, cfg, quantization={
         "engine": ENGINE, "mode": mode, "format": PT2E_STATE,
-        TRANSPOSED_CONVS_KEY: TRANSPOSED if transposed else SUBPIXEL})
+        TRANSPOSED_CONVS_KEY: TRANSPOSED if transposed else SUBPIXEL,
+        TRANSPOSED_CONV_WEIGHTS_KEY: INT8_WEIGHTS if quantized else FLOAT_WEIGHTS})
 
 
 def is_pt2e_checkpoint(data: dict[str, Any]) -> bool:
@@ -314,9 +320,15 @@ def load_pt2e_checkpoint(path: str | Path, allow_unsafe: bool = False) -> tuple[
                               f"'quantization' entry of format {PT2E_STATE})")
     cfg = config_from_checkpoint(path, allow_unsafe)
     mode = data["quantization"]["mode"]
-    # Files written before the QAT rewrite have no record of it: their transposed convs are transposed convs.
+    # Files written before the QAT rewrite have no record of it: their transposed convs are transposed convs. Files
+    # written before the weights' record are float there under QAT (per_channel_fake_quantize), int8 under PTQ.
     subpixel = data["quantization"].get(TRANSPOSED_CONVS_KEY, TRANSPOSED) == SUBPIXEL
-    prepared = prepare_pt2e_model(build_model(cfg).eval(), cfg, mode, subpixel_predictor=subpixel)
+    weights = data["quantization"].get(TRANSPOSED_CONV_WEIGHTS_KEY, FLOAT_WEIGHTS if mode == "qat" else INT8_WEIGHTS)
+    if weights not in (INT8_WEIGHTS, FLOAT_WEIGHTS):
+        raise CheckpointError(f"PT2E checkpoint {path}: quantization.{TRANSPOSED_CONV_WEIGHTS_KEY} is '{weights}', "
+                              f"expected '{INT8_WEIGHTS}' or '{FLOAT_WEIGHTS}'")
+    prepared = prepare_pt2e_model(build_model(cfg).eval(), cfg, mode, subpixel_predictor=subpixel,
+                                  float_transposed_convs=weights == FLOAT_WEIGHTS)
     try:
         prepared.load_state_dict(data["model"], strict=True)
     except RuntimeError as exc:

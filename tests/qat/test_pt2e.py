@@ -15,6 +15,7 @@ from fnl.modeling import build_model  # noqa: E402
 from fnl.qat import patch_for_quantization, quantize  # noqa: E402
 from fnl.qat.patch import QUANTIZED_REGIONS, REGION_NAMES  # noqa: E402
 from fnl.qat.pt2e import (  # noqa: E402
+    TRANSPOSED_CONV_WEIGHTS_KEY,
     XNNPACK_MIN_SCALE,
     ExportedRegion,
     MergedIntoRegion,
@@ -146,7 +147,7 @@ def test_pt2e_qat_quantizes_the_densepose_predictor_transposed_convs_per_output_
 
 def test_pt2e_qat_files_with_subpixel_convs_or_no_record_still_load(float_model, tiny_cfg, tmp_path):
     """QAT files written while QAT held the predictor as sub-pixel convs record it and load that way; a QAT file
-    written before the record existed loads with its transposed convs."""
+    written before either record existed loads with its transposed convs float, as QAT held them then."""
     prepared = prepare_pt2e_model(float_model, tiny_cfg, "qat", subpixel_predictor=True)
     int8_model = convert_pt2e_model(prepared)
     convs = _densepose_convs(int8_model)
@@ -160,16 +161,22 @@ def test_pt2e_qat_files_with_subpixel_convs_or_no_record_still_load(float_model,
     assert mode == "qat" and torch.equal(expected["boxes"], got["boxes"])
     assert torch.equal(expected["densepose"]["u"], got["densepose"]["u"])
 
-    before = prepare_pt2e_model(float_model, tiny_cfg, "qat")
+    now = prepare_pt2e_model(float_model, tiny_cfg, "qat")
+    save_pt2e_checkpoint(tmp_path / "now.pth", now, tiny_cfg, "qat")
+    # the records are read off the model saved, not assumed from the mode
+    recorded = torch.load(tmp_path / "now.pth", weights_only=True)["quantization"]
+    assert (recorded[TRANSPOSED_CONVS_KEY], recorded[TRANSPOSED_CONV_WEIGHTS_KEY]) == (TRANSPOSED, "int8")
+    assert torch.load(tmp_path / "qat.pth", weights_only=True)["quantization"][TRANSPOSED_CONVS_KEY] == SUBPIXEL
+
+    before = prepare_pt2e_model(float_model, tiny_cfg, "qat", float_transposed_convs=True)
     save_pt2e_checkpoint(tmp_path / "before.pth", before, tiny_cfg, "qat")
     data = torch.load(tmp_path / "before.pth", weights_only=True)
-    # the record is read off the model saved, not assumed from the mode
-    assert data["quantization"][TRANSPOSED_CONVS_KEY] == TRANSPOSED
-    assert torch.load(tmp_path / "qat.pth", weights_only=True)["quantization"][TRANSPOSED_CONVS_KEY] == SUBPIXEL
-    del data["quantization"][TRANSPOSED_CONVS_KEY]
+    assert data["quantization"][TRANSPOSED_CONV_WEIGHTS_KEY] == "float"
+    del data["quantization"][TRANSPOSED_CONVS_KEY], data["quantization"][TRANSPOSED_CONV_WEIGHTS_KEY]
     torch.save(data, tmp_path / "before.pth")
     old, _, _ = load_pt2e_checkpoint(tmp_path / "before.pth")
-    assert sum("conv_transpose" in str(n.target) for n in _densepose_convs(old)) == 4
+    transposed = [n for n in _densepose_convs(old) if "conv_transpose" in str(n.target)]
+    assert len(transposed) == 4 and not any("dequantize" in str(n.args[1].target) for n in transposed)
 
 
 def test_pt2e_refuses_an_eager_backend(tmp_path, capsys):
