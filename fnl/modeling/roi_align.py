@@ -94,9 +94,7 @@ def _axis_samples(start: torch.Tensor, bin_size: torch.Tensor, grid: torch.Tenso
 def _pixel_table(features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The levels' pixels as rows of one (sum N*H*W, C) table, channels-last, with each level's first row, height
     and width."""
-    table = _shared_rows(features)
-    if table is None:
-        table = _shared_rows(channels_last_levels(features))
+    table = _shared_rows(channels_last_levels(features))  # levels already laid out come back as they are
     sizes = [f.shape[0] * f.shape[2] * f.shape[3] for f in features]
     first = torch.tensor([sum(sizes[:k]) for k in range(len(sizes))], dtype=torch.int32)
     heights = torch.tensor([f.shape[2] for f in features], dtype=torch.int32)
