@@ -159,11 +159,13 @@ class ExportedRegion(nn.Module):
     in their eval form (running statistics), as torch.ao's ``freeze_bn_stats`` does for the eager engine.
     """
 
-    def __init__(self, name: str, program: torch.fx.GraphModule, capture: RegionCapture) -> None:
+    def __init__(self, name: str, program: torch.fx.GraphModule, capture: RegionCapture,
+                 whole_conv_bn_pairs: bool = True) -> None:
         super().__init__()
         self.region = name
         self.program = program
         self.capture = capture
+        self.whole_conv_bn_pairs = whole_conv_bn_pairs  # prepared after shape_reads_after_batch_norms
         self.bn_frozen = False
         self.converted = False
 
@@ -192,6 +194,7 @@ class ExportedRegion(nn.Module):
 
         self.train(False)
         self.program = convert_pt2e(self.program)
+        drop_training_state(self.program)
         self.converted = True
 
     def forward(self, x: Any) -> Any:
@@ -201,6 +204,59 @@ class ExportedRegion(nn.Module):
 
     def extra_repr(self) -> str:
         return f"region='{self.region}', converted={self.converted}, per_level={self.capture.per_level}"
+
+
+def shape_reads_after_batch_norms(program: torch.fx.GraphModule) -> int:
+    """Read every conv output's shape that a batch norm follows from the batch norm's output instead (the same
+    shape); returns how many reads moved. ``torch.export`` reads a symbolic size from the first tensor that has it:
+    the BiFPN's resamplings read their sizes off the lateral convs' outputs, and with that second user a lateral's
+    conv and BN no longer match the quantizer's conv-BN pattern. ``prepare_qat_pt2e`` then fake-quantizes the conv
+    alone and the BN runs in float after its int8 output, in training and in the XNNPACK program (for model B: four
+    float BNs, and the laterals' weights 66 KB larger there). Values are unchanged."""
+    order = {node: index for index, node in enumerate(program.graph.nodes)}
+    moved = 0
+    for conv in list(program.graph.nodes):
+        if conv.op != "call_function" or conv.target not in (torch.ops.aten.conv2d.default,
+                                                              torch.ops.aten.conv_transpose2d.input):
+            continue
+        norms = [user for user in conv.users if user.target == torch.ops.aten.batch_norm.default]
+        reads = [user for user in conv.users if user.target == torch.ops.aten.sym_size.int]
+        if len(norms) != 1 or len(norms) + len(reads) != len(conv.users):
+            continue
+        norm = norms[0]
+        for read in reads:
+            if all(order[user] > order[norm] for user in read.users):
+                read.replace_input_with(conv, norm)
+                norm.append(read)
+                moved += 1
+    program.graph.lint()
+    program.recompile()
+    return moved
+
+
+def drop_training_state(program: torch.fx.GraphModule) -> int:
+    """Remove what only training reads from a converted graph; returns how many tensors went. A QAT capture (train
+    mode) counts batches in every batch norm (``num_batches_tracked.add_(1)``, kept through ``convert_pt2e``), and
+    the batch norms folded into their convs leave their parameters and statistics on the graph module. ExecuTorch
+    would serialize them all: 0.17 MB of float statistics in model B's QAT backbone program, and 63 buffers mutated
+    outside XNNPACK on every call. Outputs are unchanged: no remaining op reads them."""
+    graph = program.graph
+    for node in list(graph.nodes):
+        counter = node.args[0] if node.op == "call_function" and node.args else None
+        if (node.target in (torch.ops.aten.add_.Tensor, torch.ops.aten.add_.Scalar) and not node.users
+                and getattr(counter, "op", None) == "get_attr" and counter.target.endswith("num_batches_tracked")):
+            graph.erase_node(node)
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+    read = {node.target for node in graph.nodes if node.op == "get_attr"}
+    unread = [name for name, _ in [*program.named_parameters(), *program.named_buffers()] if name not in read]
+    for name in unread:
+        owner, _, attribute = name.rpartition(".")
+        delattr(program.get_submodule(owner), attribute)
+    program.delete_all_unused_submodules()
+    program.recompile()
+    return len(unread)
 
 
 def region_records(regions: list[QuantizedRegion]) -> list[FloatIslandRecord]:
@@ -233,12 +289,14 @@ def capture_region(model: nn.Module, region: QuantizedRegion, capture: RegionCap
 
 def prepare_pt2e_model(float_model: nn.Module, cfg: CfgNode, mode: str | None = None,
                        stages: QuantizationStages | None = None, subpixel_predictor: bool | None = None,
-                       float_transposed_convs: bool | None = None) -> nn.Module:
+                       float_transposed_convs: bool | None = None, whole_conv_bn_pairs: bool = True) -> nn.Module:
     """The PT2E counterpart of ``fnl.qat.prepare``: every region captured and prepared (fake-quant for QAT, observed
     for PTQ) inside a copy of ``float_model``; in train mode for QAT, eval mode for PTQ. ``subpixel_predictor``
     (default ``subpixel_for``: no mode, with XNNPACK's policy) rewrites the DensePose predictor's transposed convs as
     sub-pixel convs; ``float_transposed_convs`` (default: for QAT where the policy has no ``qat_transposed_conv``)
-    leaves transposed convs float. Both exist to rebuild files saved in those forms (``load_pt2e_checkpoint``)."""
+    leaves transposed convs float. ``whole_conv_bn_pairs`` prepares every conv-BN pair as one
+    (``shape_reads_after_batch_norms``). The options other than the default exist to rebuild files saved in those
+    forms (``load_pt2e_checkpoint``)."""
     require_pt2e()
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
 
@@ -260,9 +318,12 @@ def prepare_pt2e_model(float_model: nn.Module, cfg: CfgNode, mode: str | None = 
     model.train(qat)
     for region in regions:
         program = capture_region(model, region, captures[region.name])
+        if whole_conv_bn_pairs:
+            shape_reads_after_batch_norms(program)
         prepare = prepare_qat_pt2e if qat else prepare_pt2e
         prepared = prepare(program, xnnpack_quantizer(qat, cfg.QUANTIZATION.WEIGHT_SCALES, float_transposed_convs))
-        install_region(model, region.modules, ExportedRegion(region.name, prepared, captures[region.name]))
+        install_region(model, region.modules,
+                       ExportedRegion(region.name, prepared, captures[region.name], whole_conv_bn_pairs))
     return model.train(qat)
 
 
@@ -284,6 +345,8 @@ PT2E_CHECKPOINT, PT2E_PTQ_CHECKPOINT = "model_pt2e.pth", "model_pt2e_ptq.pth"
 PT2E_STATE = "pt2e-prepared"
 TRANSPOSED_CONV_WEIGHTS_KEY = "transposed_conv_weights"
 INT8_WEIGHTS, FLOAT_WEIGHTS = "int8", "float"
+CONV_BN_PAIRS_KEY = "conv_bn_pairs"
+WHOLE_PAIRS, PAIRS_AS_CAPTURED = "whole", "as-captured"
 
 
 def subpixel_for(mode: str) -> bool:
@@ -297,14 +360,16 @@ def save_pt2e_checkpoint(path: str | Path, prepared: nn.Module, cfg: CfgNode, mo
     is deterministic, so this is the int8 model in the form the capture can rebuild (``load_pt2e_checkpoint``).
     How its transposed convs are held is recorded, read off its programs: transposed convs, or none left (the
     predictor's rewritten as sub-pixel convs); and whether their weights are quantized (observed or fake-quantized)
-    or float."""
-    transposed = [node for region in exported_regions(prepared) for node in region.program.graph.nodes
+    or float; and whether every conv-BN pair was prepared as one."""
+    regions = exported_regions(prepared)
+    transposed = [node for region in regions for node in region.program.graph.nodes
                   if is_transposed_conv(node)]
     quantized = all(node.args[1].op == "call_module" for node in transposed)  # the weight through its observer
     return save_checkpoint(path, prepared, cfg, quantization={
         "engine": ENGINE, "mode": mode, "format": PT2E_STATE,
         TRANSPOSED_CONVS_KEY: TRANSPOSED if transposed else SUBPIXEL,
-        TRANSPOSED_CONV_WEIGHTS_KEY: INT8_WEIGHTS if quantized else FLOAT_WEIGHTS})
+        TRANSPOSED_CONV_WEIGHTS_KEY: INT8_WEIGHTS if quantized else FLOAT_WEIGHTS,
+        CONV_BN_PAIRS_KEY: WHOLE_PAIRS if all(region.whole_conv_bn_pairs for region in regions) else PAIRS_AS_CAPTURED})
 
 
 def is_pt2e_checkpoint(data: dict[str, Any]) -> bool:
@@ -322,16 +387,26 @@ def load_pt2e_checkpoint(path: str | Path, allow_unsafe: bool = False) -> tuple[
     mode = data["quantization"]["mode"]
     # Files written before the QAT rewrite have no record of it: their transposed convs are transposed convs. Files
     # written before the weights' record are float there under QAT (per_channel_fake_quantize), int8 under PTQ.
+    # Files written before the conv-BN record were prepared from the graph as captured.
     subpixel = data["quantization"].get(TRANSPOSED_CONVS_KEY, TRANSPOSED) == SUBPIXEL
-    weights = data["quantization"].get(TRANSPOSED_CONV_WEIGHTS_KEY, FLOAT_WEIGHTS if mode == "qat" else INT8_WEIGHTS)
-    if weights not in (INT8_WEIGHTS, FLOAT_WEIGHTS):
-        raise CheckpointError(f"PT2E checkpoint {path}: quantization.{TRANSPOSED_CONV_WEIGHTS_KEY} is '{weights}', "
-                              f"expected '{INT8_WEIGHTS}' or '{FLOAT_WEIGHTS}'")
+    weights = _recorded(data, path, TRANSPOSED_CONV_WEIGHTS_KEY, FLOAT_WEIGHTS if mode == "qat" else INT8_WEIGHTS,
+                        (INT8_WEIGHTS, FLOAT_WEIGHTS))
+    pairs = _recorded(data, path, CONV_BN_PAIRS_KEY, PAIRS_AS_CAPTURED, (WHOLE_PAIRS, PAIRS_AS_CAPTURED))
     prepared = prepare_pt2e_model(build_model(cfg).eval(), cfg, mode, subpixel_predictor=subpixel,
-                                  float_transposed_convs=weights == FLOAT_WEIGHTS)
+                                  float_transposed_convs=weights == FLOAT_WEIGHTS,
+                                  whole_conv_bn_pairs=pairs == WHOLE_PAIRS)
     try:
         prepared.load_state_dict(data["model"], strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"PT2E checkpoint {path} does not fit the model its config describes: "
                               f"{str(exc)[:400]}") from exc
     return convert_pt2e_model(prepared), cfg.freeze(), mode
+
+
+def _recorded(data: dict[str, Any], path: str | Path, key: str, default: str, allowed: tuple[str, ...]) -> str:
+    """A PT2E file's record ``key`` (``default`` in files from before it), one of ``allowed``."""
+    value = data["quantization"].get(key, default)
+    if value not in allowed:
+        raise CheckpointError(f"PT2E checkpoint {path}: quantization.{key} is '{value}', expected one of "
+                              f"{', '.join(repr(a) for a in allowed)}")
+    return value

@@ -1,6 +1,7 @@
 """The PT2E engine: the same int8 regions as the eager engine, captured with torch.export (BiFPN taps included),
 trained by the same QAT loop, converted with convert_pt2e."""
 
+import copy
 import warnings
 
 import pytest
@@ -10,17 +11,20 @@ pytest.importorskip("executorch")
 pytest.importorskip("torchao")
 
 from fnl.config import load_config  # noqa: E402
+from fnl.engine.checkpoint import CheckpointError  # noqa: E402
 from fnl.hooks import audit_hooks  # noqa: E402
 from fnl.modeling import build_model  # noqa: E402
 from fnl.qat import patch_for_quantization, quantize  # noqa: E402
 from fnl.qat.patch import QUANTIZED_REGIONS, REGION_NAMES  # noqa: E402
 from fnl.qat.pt2e import (  # noqa: E402
+    CONV_BN_PAIRS_KEY,
     TRANSPOSED_CONV_WEIGHTS_KEY,
     XNNPACK_MIN_SCALE,
     ExportedRegion,
     MergedIntoRegion,
     capture_region,
     convert_pt2e_model,
+    drop_training_state,
     exported_regions,
     load_pt2e_checkpoint,
     prepare_pt2e_model,
@@ -45,6 +49,12 @@ def _one_thread():
 def float_model():
     torch.manual_seed(0)
     return build_model(load_config("test_tiny")).eval()
+
+
+@pytest.fixture(scope="module")
+def qat_prepared(float_model, tiny_cfg):
+    """float_model prepared for QAT as fnl-quantize does; tests that change it take a copy."""
+    return prepare_pt2e_model(float_model, tiny_cfg, "qat")
 
 
 def test_both_engines_read_one_region_table(float_model):
@@ -128,11 +138,19 @@ def _densepose_convs(int8_model: torch.nn.Module) -> list[torch.fx.Node]:
     return [n for n in region.program.graph.nodes if n.op == "call_function" and "conv" in str(n.target)]
 
 
-def test_pt2e_qat_quantizes_the_densepose_predictor_transposed_convs_per_output_channel(float_model, tiny_cfg):
+def _backbone_program(model: torch.nn.Module) -> torch.fx.GraphModule:
+    return next(r for r in exported_regions(model) if r.region == "backbone").program
+
+
+def _calls(program: torch.fx.GraphModule, target) -> int:
+    return sum(1 for n in program.graph.nodes if n.op == "call_function" and n.target == target)
+
+
+def test_pt2e_qat_quantizes_the_densepose_predictor_transposed_convs_per_output_channel(qat_prepared):
     """The predictor's transposed convs (weights (in, out, kH, kW)) are fake-quantized per *output* channel, axis 1,
     as PTQ's observers and XNNPACK's int8 deconvolution take them: torchao passes a spec's channel axis only to a
     fake-quantizer named PerChannel (fnl.qat.pt2e.per_channel_fake_quantize)."""
-    prepared = prepare_pt2e_model(float_model, tiny_cfg, "qat")
+    prepared = qat_prepared
     region = next(r for r in exported_regions(prepared) if r.region == "densepose_head")
     axes = {}
     for node in region.program.graph.nodes:
@@ -145,9 +163,10 @@ def test_pt2e_qat_quantizes_the_densepose_predictor_transposed_convs_per_output_
     assert len(transposed) == 4 and all(n.args[1].args[3] == 1 for n in transposed)  # dequantize_per_channel axis
 
 
-def test_pt2e_qat_files_with_subpixel_convs_or_no_record_still_load(float_model, tiny_cfg, tmp_path):
+def test_pt2e_qat_files_with_subpixel_convs_or_no_record_still_load(float_model, qat_prepared, tiny_cfg, tmp_path):
     """QAT files written while QAT held the predictor as sub-pixel convs record it and load that way; a QAT file
-    written before either record existed loads with its transposed convs float, as QAT held them then."""
+    written before any record existed loads with its transposed convs float and its conv-BN pairs as captured, as
+    QAT held them then."""
     prepared = prepare_pt2e_model(float_model, tiny_cfg, "qat", subpixel_predictor=True)
     int8_model = convert_pt2e_model(prepared)
     convs = _densepose_convs(int8_model)
@@ -161,22 +180,63 @@ def test_pt2e_qat_files_with_subpixel_convs_or_no_record_still_load(float_model,
     assert mode == "qat" and torch.equal(expected["boxes"], got["boxes"])
     assert torch.equal(expected["densepose"]["u"], got["densepose"]["u"])
 
-    now = prepare_pt2e_model(float_model, tiny_cfg, "qat")
-    save_pt2e_checkpoint(tmp_path / "now.pth", now, tiny_cfg, "qat")
+    save_pt2e_checkpoint(tmp_path / "now.pth", qat_prepared, tiny_cfg, "qat")
     # the records are read off the model saved, not assumed from the mode
     recorded = torch.load(tmp_path / "now.pth", weights_only=True)["quantization"]
     assert (recorded[TRANSPOSED_CONVS_KEY], recorded[TRANSPOSED_CONV_WEIGHTS_KEY]) == (TRANSPOSED, "int8")
+    assert recorded[CONV_BN_PAIRS_KEY] == "whole"
     assert torch.load(tmp_path / "qat.pth", weights_only=True)["quantization"][TRANSPOSED_CONVS_KEY] == SUBPIXEL
 
-    before = prepare_pt2e_model(float_model, tiny_cfg, "qat", float_transposed_convs=True)
+    # as files were prepared before these records: float transposed convs, conv-BN pairs as torch.export captured
+    # them (the BiFPN laterals' BNs apart, float)
+    before = prepare_pt2e_model(float_model, tiny_cfg, "qat", float_transposed_convs=True, whole_conv_bn_pairs=False)
     save_pt2e_checkpoint(tmp_path / "before.pth", before, tiny_cfg, "qat")
     data = torch.load(tmp_path / "before.pth", weights_only=True)
     assert data["quantization"][TRANSPOSED_CONV_WEIGHTS_KEY] == "float"
-    del data["quantization"][TRANSPOSED_CONVS_KEY], data["quantization"][TRANSPOSED_CONV_WEIGHTS_KEY]
+    assert data["quantization"][CONV_BN_PAIRS_KEY] == "as-captured"
+    for key in (TRANSPOSED_CONVS_KEY, TRANSPOSED_CONV_WEIGHTS_KEY, CONV_BN_PAIRS_KEY):
+        del data["quantization"][key]
     torch.save(data, tmp_path / "before.pth")
     old, _, _ = load_pt2e_checkpoint(tmp_path / "before.pth")
     transposed = [n for n in _densepose_convs(old) if "conv_transpose" in str(n.target)]
     assert len(transposed) == 4 and not any("dequantize" in str(n.args[1].target) for n in transposed)
+    assert _calls(_backbone_program(old), torch.ops.aten.batch_norm.default) == 4
+
+
+def test_pt2e_qat_prepares_every_conv_bn_pair_as_one(qat_prepared, tiny_cfg, tmp_path):
+    """torch.export reads the BiFPN's resampling sizes off the lateral convs' outputs; moved onto their BNs'
+    outputs, every conv-BN pair matches the quantizer's pattern and no float BN is left in the int8 graph (files
+    prepared from the graph as captured keep their four: the record test above). A record of another value is
+    refused by name."""
+    assert _calls(_backbone_program(convert_pt2e_model(qat_prepared)), torch.ops.aten.batch_norm.default) == 0
+    save_pt2e_checkpoint(tmp_path / "qat.pth", qat_prepared, tiny_cfg, "qat")
+    data = torch.load(tmp_path / "qat.pth", weights_only=True)
+    data["quantization"][CONV_BN_PAIRS_KEY] = "halves"
+    torch.save(data, tmp_path / "qat.pth")
+    with pytest.raises(CheckpointError, match="conv_bn_pairs is 'halves'"):
+        load_pt2e_checkpoint(tmp_path / "qat.pth")
+
+
+def test_converted_qat_graph_keeps_nothing_only_training_reads(qat_prepared):
+    """A QAT capture counts batches in every BN (num_batches_tracked.add_) and its folded BNs leave parameters
+    behind; the int8 graph drops both (ExecuTorch would serialize them and mutate a buffer per call), outputs
+    unchanged."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    region = next(r for r in exported_regions(copy.deepcopy(qat_prepared)) if r.region == "backbone")
+    region.train(False)
+    program = convert_pt2e(region.program)
+    assert _calls(program, torch.ops.aten.add_.Tensor) > 0
+    image = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = program(image)
+        assert drop_training_state(program) > 0
+        after = program(image)
+    assert all(torch.equal(a, b) for a, b in zip(torch.utils._pytree.tree_leaves(before),
+                                                  torch.utils._pytree.tree_leaves(after), strict=True))
+    assert _calls(program, torch.ops.aten.add_.Tensor) == 0
+    read = {n.target for n in program.graph.nodes if n.op == "get_attr"}
+    assert {name for name, _ in [*program.named_parameters(), *program.named_buffers()]} <= read
 
 
 def test_pt2e_refuses_an_eager_backend(tmp_path, capsys):
