@@ -34,6 +34,7 @@ from fnl.engine.benchmark import (
 )
 from fnl.engine.report import machine_info, versions
 from fnl.export.executorch import (
+    PROGRAM_PARTS,
     ExecuTorchExport,
     ExecuTorchPredictor,
     ExecuTorchRegion,
@@ -116,6 +117,7 @@ def main() -> None:
         latency[threads] = {name: {**block_summary(v), "pass_speedups": pass_speedups(times[reference], v, len(images))}
                             for name, v in times.items()}
     sizes = {name: round(export.size_mb, 3) for name, export in exports.items()}
+    parts = {name: export.bytes_by_part() for name, export in exports.items()}
     accuracy = {}
     if not args.skip_ap:
         with torch_threads(1):
@@ -149,14 +151,24 @@ def main() -> None:
             glue = latency[threads][name]["median_ms"] - sum(by_region.values())
             lines.append(f"| {name} | " + " | ".join(f"{by_region[r]:.1f}" for r in names) + f" | {glue:.1f} |")
     lines += ["", "Programs (.pte, all regions): " + ", ".join(f"{name} {mb:.2f} MB" for name, mb in sizes.items())
-              + "."]
+              + ". Where the bytes go (MB; in brackets, as a share of the float32 programs' total; "
+              "`fnl.export.executorch.program_bytes`): tensors are the weights and biases (int8 weights, int32 "
+              "biases in int8 programs), channel scales XNNPACK's float32 scale per output channel of every "
+              "per-channel weight and bias, the XNNPACK graph its serialized graphs, the rest the program, the "
+              "tensors' names and padding:", "",
+              "| row | tensors | channel scales | XNNPACK graph | rest | total |", "|---|---:|---:|---:|---:|---:|"]
+    whole = sum(parts[reference].values())
+    for name, by_part in parts.items():
+        cells = [*(by_part[part] for part in PROGRAM_PARTS), sum(by_part.values())]
+        lines.append(f"| {name} | " + " | ".join(f"{b / 1e6:.3f} ({b / whole:.3f})" for b in cells) + " |")
     if accuracy:
         lines += ["", "| row | box AP | DensePose AP |", "|---|---:|---:|"]
         lines += [f"| {name} | {a['bbox_AP']:.2f} | {a['densepose_AP']:.2f} |" for name, a in accuracy.items()]
     write_text_atomic(args.output, "\n".join(lines) + "\n")
     write_json_atomic(Path(args.output).with_suffix(".json"), {
         "machine": machine, "versions": versions(), "input_size": size, "images": args.images,
-        "passes": args.passes, "latency": latency, "regions_ms": regions, "size_mb": sizes, "accuracy": accuracy})
+        "passes": args.passes, "latency": latency, "regions_ms": regions, "size_mb": sizes, "size_bytes_by_part": parts,
+        "accuracy": accuracy})
     print("\n".join(lines[2:]))
     print(f"wrote {args.output}")
 

@@ -85,6 +85,35 @@ class ExecuTorchExport:
         """All .pte programs together: what a deployment ships (the glue is code, not weights)."""
         return sum(file_megabytes(path) for path in self.files)
 
+    def bytes_by_part(self) -> dict[str, int]:
+        """``program_bytes`` summed over the programs."""
+        totals: dict[str, int] = {}
+        for path in self.files:
+            for part, size in program_bytes(path).items():
+                totals[part] = totals.get(part, 0) + size
+        return totals
+
+
+PROGRAM_PARTS = ("tensors", "channel_scales", "xnnpack_graph", "rest")
+
+
+def program_bytes(path: str | Path) -> dict[str, int]:
+    """Where a ``.pte`` file's bytes go (``PROGRAM_PARTS``): the constant tensors (weights, biases; XNNPACK's named
+    data and ExecuTorch's own constants) less ``channel_scales``, the float32 scale per output channel that XNNPACK
+    stores for every per-channel int8 weight and int32 bias (its named-data keys start with "scale_", executorch
+    1.5.1); ``xnnpack_graph``, the serialized XNNPACK graphs; ``rest``, the program itself, the names and padding."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    data = Path(path).read_bytes()
+    pte = deserialize_pte_binary(data)
+    named = pte.named_data.pte_data.items() if pte.named_data is not None else []
+    sizes = {key: len(pte.named_data.buffers[entry.buffer_index]) for key, entry in named}
+    scales = sum(size for key, size in sizes.items() if key.startswith("scale_"))
+    tensors = sum(sizes.values()) - scales + sum(len(b.storage) for b in pte.program.constant_buffer)
+    graph = sum(len(delegate.data) for delegate in pte.program.backend_delegate_data)
+    return {"tensors": tensors, "channel_scales": scales, "xnnpack_graph": graph,
+            "rest": len(data) - tensors - scales - graph}
+
 
 def region_files(directory: str | Path, model: nn.Module) -> list[Path]:
     return [Path(directory) / f"{region.name}.pte" for region in active_regions(model)]

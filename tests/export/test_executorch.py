@@ -278,7 +278,13 @@ def test_a_float32_checkpoint_exports_float32_programs_that_compute_what_pytorch
     of PyTorch float32 (the verification images are the backbone program's size, so nothing is zero-padded)."""
     from fnl.cli.export import main
     from fnl.engine.checkpoint import save_checkpoint
-    from fnl.export.executorch import ExecuTorchPredictor, executorch_row, verify_executorch
+    from fnl.export.executorch import (
+        PROGRAM_PARTS,
+        ExecuTorchPredictor,
+        executorch_row,
+        program_bytes,
+        verify_executorch,
+    )
     from fnl.export.verify import FLOAT32
 
     save_checkpoint(tmp_path / "model_fp32.pth", pt2e_export.float_model, pt2e_export.cfg)
@@ -291,6 +297,16 @@ def test_a_float32_checkpoint_exports_float32_programs_that_compute_what_pytorch
     # float32 weights: several times the int8 programs
     megabytes = {path: sum(p.stat().st_size for p in path.glob("*.pte")) for path in (directory, pt2e_export.directory)}
     assert megabytes[directory] > 3 * megabytes[pt2e_export.directory]
+    # where the bytes go: every byte in one part; only int8 programs carry per-channel scales
+    parts = {path: [program_bytes(p) for p in sorted(path.glob("*.pte"))] for path in megabytes}
+    for path, programs in parts.items():
+        assert sum(sum(program.values()) for program in programs) == megabytes[path]
+        assert all(set(program) == set(PROGRAM_PARTS) and min(program.values()) >= 0 for program in programs)
+    float_parts, int8_parts = ({part: sum(p[part] for p in parts[path]) for part in PROGRAM_PARTS}
+                               for path in megabytes)
+    assert float_parts["channel_scales"] == 0 < int8_parts["channel_scales"]
+    assert float_parts["xnnpack_graph"] > 0 and int8_parts["xnnpack_graph"] > 0
+    assert int8_parts["tensors"] < 0.3 * float_parts["tensors"]  # int8 weights, int32 biases
     report = verify_executorch(pt2e_export.float_model, predictor, pt2e_export.images, FLOAT32)
     assert report.rows[0].compared > 0 and report.passed, report.table()
     row, _ = executorch_row(directory, pt2e_export.cfg, "float", threads=1)
