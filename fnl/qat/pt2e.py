@@ -388,7 +388,7 @@ def load_pt2e_checkpoint(path: str | Path, allow_unsafe: bool = False) -> tuple[
     # Files written before the QAT rewrite have no record of it: their transposed convs are transposed convs. Files
     # written before the weights' record are float there under QAT (per_channel_fake_quantize), int8 under PTQ.
     # Files written before the conv-BN record were prepared from the graph as captured.
-    subpixel = data["quantization"].get(TRANSPOSED_CONVS_KEY, TRANSPOSED) == SUBPIXEL
+    subpixel = _recorded(data, path, TRANSPOSED_CONVS_KEY, TRANSPOSED, (TRANSPOSED, SUBPIXEL)) == SUBPIXEL
     weights = _recorded(data, path, TRANSPOSED_CONV_WEIGHTS_KEY, FLOAT_WEIGHTS if mode == "qat" else INT8_WEIGHTS,
                         (INT8_WEIGHTS, FLOAT_WEIGHTS))
     pairs = _recorded(data, path, CONV_BN_PAIRS_KEY, PAIRS_AS_CAPTURED, (WHOLE_PAIRS, PAIRS_AS_CAPTURED))
